@@ -1,0 +1,87 @@
+import pytest
+import torch
+from torch import nn
+
+from workbench import ModelError
+from workbench.models import load
+from workbench.roles import attention_modules, linear_modules, role_of
+from workbench.synthetic import SYNTHETIC_CONFIGS, TINY_ARCHITECTURES, byte_tokenizer
+
+EXPECTED_ROLES = {
+    "tiny-llama": {"q", "k", "v", "o", "gate", "up", "down", "lm_head"},
+    "tiny-qwen2": {"q", "k", "v", "o", "gate", "up", "down", "lm_head"},
+    "tiny-mistral": {"q", "k", "v", "o", "gate", "up", "down", "lm_head"},
+    "tiny-gemma3": {"q", "k", "v", "o", "gate", "up", "down", "lm_head"},
+    "tiny-deepseek_v3": {"q_a", "q_b", "kv_a", "kv_b", "o", "gate", "up", "down", "lm_head"},
+    "tiny-deepseek_v32": {"q_a", "q_b", "kv_a", "kv_b", "o", "gate", "up", "down", "indexer", "lm_head"},
+}
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_every_linear_of_every_architecture_has_a_role(arch):
+    lm = load(f"synthetic:{arch}", device="cpu")
+    roles = {role for _, _, role in linear_modules(lm.model)}
+    assert None not in roles, [f for f, _, r in linear_modules(lm.model) if r is None]
+    assert EXPECTED_ROLES[arch] <= roles
+    n_layers = lm.model.config.num_hidden_layers
+    assert sorted(m.layer_idx for _, m in attention_modules(lm.model)) == list(range(n_layers))
+
+
+def test_moe_experts_and_router_roles():
+    lm = load("synthetic:tiny-deepseek_v3", device="cpu")
+    names = {fqn: role_of(fqn) for fqn, _ in lm.model.named_modules()}
+    assert names["model.layers.1.mlp.experts"] == "experts"
+    assert names["model.layers.1.mlp.gate"] == "router"
+    assert names["model.layers.1.mlp.shared_experts.down_proj"] == "down"
+
+
+def test_synthetic_models_are_seeded_and_run():
+    a = load("synthetic:tiny-llama", device="cpu").model
+    b = load("synthetic:tiny-llama", device="cpu").model
+    for (na, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), na
+    logits = a(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, 259)
+
+
+def test_real_shape_configs_match_published_sizes():
+    from workbench.synthetic import synthetic_config
+    cfg = synthetic_config("llama-3-8b")
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_config(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - 8.03e9) / 8.03e9 < 0.01  # Llama-3-8B has 8.03B parameters
+    assert set(SYNTHETIC_CONFIGS) >= {"llama-3-8b", "llama-3.2-1b", "deepseek-v3-tiny"}
+
+
+def test_byte_tokenizer_roundtrips_utf8():
+    tok = byte_tokenizer()
+    text = "naïve café — 東京"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert tok.pad_token_id == 258 and tok.eos_token_id == 257
+
+
+@pytest.mark.parametrize("name, message", [
+    ("synthetic:nope", "unknown synthetic model 'nope'"),
+    ("./no/such/folder", "model path not found"),
+    ("", "model must be a name or a path"),
+])
+def test_bad_model_names(name, message):
+    with pytest.raises(ModelError, match=message):
+        load(name, device="cpu")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        load(str(tmp_path), device="cpu")
+
+
+def test_saved_folder_loads_like_any_hf_model(tmp_path):
+    lm = load("synthetic:tiny-qwen2", device="cpu")
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    again = load(str(tmp_path), device="cpu")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(lm.model(ids).logits, again.model(ids).logits)
+    assert isinstance(again.model.lm_head, nn.Linear)

@@ -1,0 +1,16 @@
+"""workbench: a sparse, quantized and scheduled inference engine for research on cheaper LLM inference.
+
+>>> from workbench import Engine, Policy
+>>> engine = Engine.from_pretrained("synthetic:tiny-llama")
+>>> engine.reconfigure(Policy.identity())
+
+Kept light on purpose: no plotly, ipywidgets, peft or server imports here.
+"""
+from workbench import ops as _ops  # noqa: F401  (fills the policy registries)
+from workbench.engine import Engine
+from workbench.errors import InputError, ModelError, PolicyError, WorkbenchError
+from workbench.policy import Attention, Policy, Rule, Setting, Sparsity, Weights
+
+__all__ = ["Engine", "Policy", "Rule", "Setting", "Sparsity", "Weights", "Attention",
+           "WorkbenchError", "PolicyError", "ModelError", "InputError"]
+__version__ = "0.1.0"

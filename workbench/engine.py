@@ -1,0 +1,224 @@
+"""The Engine: the one facade that notebooks, widgets, the CLI and the server go through.
+
+    engine = Engine.from_pretrained("default", policy=Policy.identity())
+    engine.generate(["What is the capital of France?"], max_new_tokens=32)
+    engine.reconfigure(new_policy)   # live: wrappers swap, weights are not reloaded
+    engine.stats()                   # measured facts, not configured ones
+
+By default the unmodified weights stay in memory as the reference (for KL divergence, exact `unwrap`
+and live switching); `keep_reference=False` lets transforms drop what they no longer need, and a later
+reconfigure that needs the originals reloads them from the model's source.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from workbench.errors import InputError
+from workbench.models import LoadedModel, load, model_summary
+from workbench.policy import Policy
+from workbench.transforms import apply_policy, bypassed, unwrap, wrappers
+
+log = logging.getLogger(__name__)
+
+Prompt = str | Sequence[dict]  # a plain string, or chat messages [{"role": ..., "content": ...}]
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, policy: Policy | None = None, keep_reference: bool = True,
+                 calibration: Any = None):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.name = loaded.name
+        self.keep_reference = keep_reference
+        self.calibration = calibration
+        self.policy = Policy.identity()
+        self.last_latency_ms: float | None = None
+        self._lock = threading.RLock()  # one forward at a time: widgets and servers call from threads
+        self.reconfigure(policy or Policy.identity(), calibration=calibration)
+
+    @classmethod
+    def from_pretrained(cls, name: str = "default", policy: Policy | None = None, device: str | None = None,
+                        dtype: torch.dtype | None = None, keep_reference: bool = True,
+                        calibration: Any = None) -> "Engine":
+        """Load `name` ("default", a folder, a hub id, "synthetic:NAME") and apply `policy`.
+
+        >>> engine = Engine.from_pretrained("synthetic:tiny-llama")
+        >>> engine.policy.name
+        'identity'
+        """
+        return cls(load(name, device=device, dtype=dtype), policy, keep_reference, calibration)
+
+    # ---- configuration ---------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+    def reconfigure(self, policy: Policy, calibration: Any = None) -> None:
+        """Switch to `policy` live. Invalid policies raise before anything changes."""
+        if not isinstance(policy, Policy):
+            raise InputError(f"reconfigure takes a Policy, got {type(policy).__name__}")
+        with self._lock:
+            if calibration is not None:
+                self.calibration = calibration
+            apply_policy(self.model, policy, self.calibration)
+            self.policy = policy
+            self.reset_stats()
+
+    def reset_stats(self) -> None:
+        """Start measuring achieved sparsity afresh."""
+        for _, w in wrappers(self.model):
+            w.reset_stats()
+
+    def unwrap(self) -> None:
+        """Back to the unmodified model (identity policy)."""
+        with self._lock:
+            unwrap(self.model)
+            self.policy = Policy.identity()
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The unmodified model for the duration of the block (the yardstick for quality)."""
+        with self._lock, bypassed(self.model):
+            yield self
+
+    # ---- tokens ----------------------------------------------------------------------------------------
+    def uses_chat_template(self, chat: bool | None) -> bool:
+        has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        if chat and not has_template:
+            raise InputError(f"model {self.name!r} has no chat template; pass chat=False")
+        return has_template if chat is None else chat
+
+    def encode(self, prompts: Sequence[Prompt], chat: bool | None = None) -> dict[str, torch.Tensor]:
+        """Left-padded input_ids and attention_mask for a batch of prompts."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+            raise InputError("prompts must be a non-empty list of strings or chat message lists")
+        texts = [self._render(p, chat) for p in prompts]
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        if batch["input_ids"].shape[1] == 0:
+            raise InputError("prompt is empty after tokenization")
+        return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+    def _render(self, prompt: Prompt, chat: bool | None) -> str:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InputError("prompt is empty")
+            if not self.uses_chat_template(chat):
+                return prompt
+            prompt = [{"role": "user", "content": prompt}]
+        if not isinstance(prompt, Sequence) or not all(isinstance(m, dict) and "role" in m and "content" in m
+                                                       for m in prompt):
+            raise InputError("a chat prompt must be a list of {'role': ..., 'content': ...} messages")
+        if not getattr(self.tokenizer, "chat_template", None):
+            return "\n".join(m["content"] for m in prompt)
+        return self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+
+    # ---- compute ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V) in float32 under the current policy."""
+        with self._lock:
+            t0 = time.perf_counter()
+            out = self.model(input_ids=input_ids.to(self.device),
+                             attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                             use_cache=False)
+            self.last_latency_ms = (time.perf_counter() - t0) * 1e3
+            return out.logits.float()
+
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the unmodified model for the same input."""
+        with self.reference():
+            return self.forward(input_ids, attention_mask)
+
+    def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, chat: bool | None = None,
+                 stop: Sequence[str] | None = None) -> list[str]:
+        """Generate a completion for each prompt (greedy when temperature is 0).
+
+        >>> Engine.from_pretrained("synthetic:tiny-llama").generate(["hi"], max_new_tokens=2)  # doctest: +SKIP
+        """
+        batch = self.encode(prompts, chat)
+        kwargs = self._generation_kwargs(batch, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        with self._lock, self._dense_prefill():
+            out = self.model.generate(**batch, **kwargs)
+        new = out[:, batch["input_ids"].shape[1]:]
+        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+    def stream(self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int | None = None, chat: bool | None = None,
+               stop: Sequence[str] | None = None) -> Iterator[str]:
+        """Yield the completion of one prompt piece by piece as it is generated."""
+        from transformers import TextIteratorStreamer
+        batch = self.encode([prompt], chat)
+        kwargs = self._generation_kwargs(batch, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def work():
+            try:
+                with torch.inference_mode(), self._lock, self._dense_prefill():
+                    self.model.generate(**batch, **kwargs, streamer=streamer)
+            except BaseException as e:  # surfaced in the caller's thread below
+                errors.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield from (piece for piece in streamer if piece)
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    def _generation_kwargs(self, batch, max_new_tokens, temperature, top_p, top_k, seed, stop) -> dict:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        total = batch["input_ids"].shape[1] + max_new_tokens
+        if total > self.max_positions:
+            raise InputError(f"prompt ({batch['input_ids'].shape[1]} tokens) + max_new_tokens ({max_new_tokens}) "
+                             f"exceeds the model's context of {self.max_positions} tokens")
+        if not 0.0 <= temperature <= 10.0:
+            raise InputError(f"temperature must be in [0, 10], got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {top_p}")
+        if seed is not None:
+            torch.manual_seed(seed)
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if stop:
+            kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
+        return kwargs
+
+    @contextlib.contextmanager
+    def _dense_prefill(self):
+        """Prompt tokens run dense unless a layer's sparsity asks for sparse prefill (TEAL's default)."""
+        marked = [w for _, w in wrappers(self.model) if not w.setting.sparsity.prefill]
+        for w in marked:
+            w.dense_multi_token = True
+        try:
+            yield
+        finally:
+            for w in marked:
+                w.dense_multi_token = False
+
+    # ---- measured facts --------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Measured per-module facts: parameters, bytes by format, achieved sparsity, last latency."""
+        from workbench.accounting import weight_accounting
+        with self._lock:
+            facts = weight_accounting(self.model)
+            facts.update(model=self.name, policy=self.policy.name, architecture=model_summary(self.model),
+                         last_forward_ms=self.last_latency_ms)
+            return facts
