@@ -26,8 +26,15 @@ def _policy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="'default', a model folder, a hub id, or synthetic:NAME")
     p.add_argument("--policy", metavar="FILE.json", help="policy file (overrides the shorthand flags)")
     p.add_argument("--sparsity", type=float, default=0.0, help="model-wide activation sparsity in [0, 1)")
-    p.add_argument("--sparsity-rule", default=None, help="sparsity rule (default: topk)")
-    p.add_argument("--precision", default="none", help="weight format, e.g. none")
+    p.add_argument("--sparsity-rule", default=None,
+                   help="topk (default), threshold, weighted or greedy; the last three calibrate once (cached)")
+    p.add_argument("--calibration", metavar="FILE", default=None, help="calibration artifact from `workbench calibrate`")
+    p.add_argument("--precision", default="none",
+                   help="weight format of block linears: fp32 bf16 fp16 fp8 int8 int8-block64 int4-g32 int4-g64 "
+                        "int4-g128 (add -asym for asymmetric int4), or auto (with --budget-bits)")
+    p.add_argument("--budget-bits", type=float, default=None, help="bits per weight for --precision auto")
+    p.add_argument("--head-precision", default=None,
+                   help="weight format for the embedding table and lm_head (default: left as loaded)")
     p.add_argument("--attention", default="dense", help="attention selector NAME[:BUDGET], e.g. dense")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
 
@@ -63,6 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--port", type=int, default=8888)
     lab.add_argument("--no-browser", action="store_true")
 
+    cal = sub.add_parser("calibrate", help="activation histograms (and greedy allocation) for sparsity thresholds")
+    cal.add_argument("--model", default="default")
+    cal.add_argument("--device", default=None)
+    cal.add_argument("--tokens", type=int, default=16384, help="calibration tokens")
+    cal.add_argument("--greedy", action="store_true", help="also run TEAL's block-wise greedy allocation")
+    cal.add_argument("--out", default=None, help="artifact path (default: the cache, keyed by model)")
+    cal.add_argument("--json", action="store_true")
+
+    sens = sub.add_parser("sensitivity", help="KLD when one module (or layer) alone is quantized, per format")
+    sens.add_argument("--model", default="default")
+    sens.add_argument("--device", default=None)
+    sens.add_argument("--formats", default="int4-g32,int4-g64,int8,fp8,bf16", help="comma-separated formats")
+    sens.add_argument("--granularity", choices=["module", "layer"], default="module")
+    sens.add_argument("--tokens", type=int, default=256)
+    sens.add_argument("--out", default=None, help="write the artifact here too (JSON)")
+    sens.add_argument("--json", action="store_true")
+
     prov = sub.add_parser("provision", help="fetch and cache the default model (idempotent)")
     prov.add_argument("--quiet", action="store_true")
     return parser
@@ -70,16 +94,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _policy_from_args(args):
     from workbench.policy import Policy
+    import dataclasses
     if args.policy:
-        return Policy.load(args.policy)
-    return Policy.uniform(sparsity=args.sparsity, rule=args.sparsity_rule, precision=args.precision,
-                          attention=args.attention)
+        policy = Policy.load(args.policy)
+    else:
+        if args.precision == "auto" and args.budget_bits is None:
+            raise InputError("--precision auto needs --budget-bits B (bits per weight)")
+        if args.budget_bits is not None and args.precision != "auto":
+            raise InputError("--budget-bits goes with --precision auto")
+        policy = Policy.uniform(sparsity=args.sparsity, rule=args.sparsity_rule,
+                                precision="none" if args.precision == "auto" else args.precision,
+                                attention=args.attention, head=args.head_precision)
+    if args.calibration:
+        if not Path(args.calibration).is_file():
+            raise InputError(f"calibration artifact not found: {args.calibration}")
+        policy = dataclasses.replace(policy, calibration=str(Path(args.calibration).resolve()))
+    return policy
 
 
 def _engine(args):
     from workbench.engine import Engine
     policy = _policy_from_args(args)  # validate before the (slow) model load
-    return Engine.from_pretrained(args.model, policy=policy, device=args.device)
+    engine = Engine.from_pretrained(args.model, policy=policy, device=args.device)
+    if getattr(args, "precision", None) == "auto":
+        engine.reconfigure(_auto_precision(engine, policy, args.budget_bits))
+    return engine
+
+
+def _auto_precision(engine, base, budget_bits: float):
+    """Measured sensitivity (cached) -> formats under the budget, merged into the shorthand policy."""
+    import dataclasses
+
+    from workbench.mixed_precision import auto_policy
+    from workbench.sensitivity import cached_scan
+    auto = auto_policy(cached_scan(engine, progress=sys.stderr.isatty()), budget_bits=budget_bits)
+    rules = tuple(dataclasses.replace(r, setting=dataclasses.replace(base.default, weights=r.setting.weights))
+                  for r in auto.rules)
+    return dataclasses.replace(base, rules=base.rules + rules, name=f"{auto.name}+{base.name}")
 
 
 def cmd_info(args) -> int:
@@ -128,6 +179,10 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
+        sp = result["achieved_sparsity"]
+        if sp:
+            print(f"achieved sparsity {sp['overall']:.3f} (target {sp['target']:.3f}); by role: "
+                  + ", ".join(f"{r} {v:.3f}" for r, v in sp["by_role"].items()))
         print(f"{result['model']} under {result['policy']}: perplexity {result['perplexity']:.3f} "
               f"(reference {result['reference_perplexity']:.3f}), KLD mean {result['kld_mean']:.5f} "
               f"p99 {result['kld_p99']:.5f}, top-1 {result['top1']:.4f} over {result['tokens']} tokens")
@@ -152,6 +207,49 @@ def cmd_lab(args) -> int:
     return 0  # not reached
 
 
+def cmd_calibrate(args) -> int:
+    from workbench.calibrate import calibrate, cached_calibration
+    from workbench.engine import Engine
+    if args.tokens < 2:
+        raise InputError(f"--tokens must be at least 2, got {args.tokens}")
+    engine = Engine.from_pretrained(args.model, device=args.device)
+    progress = not args.json
+    if args.out:
+        cal = calibrate(engine, tokens=args.tokens, greedy=args.greedy, progress=progress)
+        path = cal.save(args.out)
+    else:
+        cal = cached_calibration(engine, greedy=args.greedy, progress=progress)
+        path = cal.path
+    summary = {"path": str(path), "modules": len(cal.modules), "greedy": cal.has_greedy, **cal.meta}
+    print(json.dumps(summary) if args.json else f"calibration for {len(cal.modules)} modules saved to {path}")
+    return 0
+
+
+def cmd_sensitivity(args) -> int:
+    from workbench.engine import Engine
+    from workbench.sensitivity import cached_scan
+    if args.tokens < 2:
+        raise InputError(f"--tokens must be at least 2, got {args.tokens}")
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if not formats:
+        raise InputError("--formats needs at least one format")
+    for f in formats:
+        from workbench.policy import parse_precision
+        parse_precision(f)
+    engine = Engine.from_pretrained(args.model, device=args.device)
+    result = cached_scan(engine, formats, args.granularity, args.tokens, progress=not args.json)
+    if args.out:
+        result.save(args.out)
+    if args.json:
+        print(result.to_json())
+        return 0
+    layers, fmts, table = result.layer_table()
+    print("layer " + " ".join(f"{f:>12}" for f in fmts) + "   (KLD when only that layer is quantized)")
+    for layer, row in zip(layers, table):
+        print(f"{layer:>5} " + " ".join(f"{v:12.5f}" for v in row))
+    return 0
+
+
 def cmd_provision(args) -> int:
     from workbench.models import provision_default
     folder = provision_default(progress=not args.quiet)
@@ -160,7 +258,7 @@ def cmd_provision(args) -> int:
 
 
 COMMANDS = {"info": cmd_info, "generate": cmd_generate, "eval": cmd_eval, "lab": cmd_lab,
-            "provision": cmd_provision}
+            "calibrate": cmd_calibrate, "sensitivity": cmd_sensitivity, "provision": cmd_provision}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

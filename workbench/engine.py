@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from workbench.errors import InputError
+from workbench.errors import InputError, PolicyError
 from workbench.models import LoadedModel, load, model_summary
 from workbench.policy import Policy
 from workbench.transforms import apply_policy, bypassed, unwrap, wrappers
@@ -40,6 +40,10 @@ class Engine:
         self.calibration = calibration
         self.policy = Policy.identity()
         self.last_latency_ms: float | None = None
+        self._dropped: set[str] = set()  # wrappers whose original weight was released (keep_reference=False)
+        # packed weights by (original, format): switching back to a seen format needs no requantization;
+        # off when the engine runs lean (keep_reference=False), where memory is the point
+        self.store_cache: dict | None = {} if keep_reference else None
         self._lock = threading.RLock()  # one forward at a time: widgets and servers call from threads
         self.reconfigure(policy or Policy.identity(), calibration=calibration)
 
@@ -71,9 +75,63 @@ class Engine:
         with self._lock:
             if calibration is not None:
                 self.calibration = calibration
-            apply_policy(self.model, policy, self.calibration)
+            self._ensure_calibration(policy)
+            self._restore_references(policy)
+            apply_policy(self.model, policy, self.calibration, self.store_cache)
             self.policy = policy
             self.reset_stats()
+            self._drop_references()
+
+    def _drop_references(self) -> None:
+        """keep_reference=False: release original weights that a packed format has replaced."""
+        if self.keep_reference:
+            return
+        from torch import nn
+
+        from workbench.roles import embedding_modules
+        embed = self.model.get_input_embeddings()
+        shared = {id(embed.base.weight if hasattr(embed, "base") else embed.weight)}
+        targets = [(f, w) for f, w in wrappers(self.model) if w.store is not None]
+        targets += [(f, m) for f, m in embedding_modules(self.model) if getattr(m, "is_workbench_embedding", False)]
+        for fqn, module in targets:
+            w = module.base.weight
+            if w.device.type == "meta" or (id(w) in shared and not getattr(module, "is_workbench_embedding", False)):
+                continue
+            if getattr(module, "is_workbench_embedding", False) and self._weight_used_elsewhere(w, module):
+                continue
+            module.base.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
+            self._dropped.add(fqn)
+
+    def _weight_used_elsewhere(self, weight, owner) -> bool:
+        """True when a plain (unwrapped) layer still multiplies by `weight` (a tied lm_head, say)."""
+        from workbench.roles import linear_modules
+        return any(m is not owner and not getattr(m, "is_workbench_linear", False) and m.weight is weight
+                   for _, m, _ in linear_modules(self.model))
+
+    def _restore_references(self, policy: Policy) -> None:
+        """Reload released originals from the model's source before a policy that may need them."""
+        if not self._dropped:
+            return
+        log.info("reloading %d original weights from %s", len(self._dropped), self.loaded.source)
+        fresh = load(self.loaded.name, device=str(self.device), dtype=next(self.model.parameters()).dtype).model
+        for fqn in self._dropped:
+            self.model.get_submodule(fqn).base.weight = fresh.get_submodule(fqn).weight
+        self._dropped.clear()
+
+    def _ensure_calibration(self, policy: Policy) -> None:
+        """Load the policy's calibration artifact, or calibrate once (cached) when a rule needs one."""
+        from workbench.calibrate import Calibration, cached_calibration, needs_calibration
+        need, need_greedy = needs_calibration(policy)
+        if policy.calibration:
+            if self.calibration is None or self.calibration.path != policy.calibration:
+                cal = Calibration.load(policy.calibration)
+                cal.check_model(self.model)
+                self.calibration = cal
+            if need_greedy and not self.calibration.has_greedy:
+                raise PolicyError(f"calibration artifact {policy.calibration} has no greedy allocation; "
+                                  "run `workbench calibrate --greedy`")
+        elif need and (self.calibration is None or (need_greedy and not self.calibration.has_greedy)):
+            self.calibration = cached_calibration(self, greedy=need_greedy)
 
     def reset_stats(self) -> None:
         """Start measuring achieved sparsity afresh."""
@@ -89,6 +147,9 @@ class Engine:
     @contextlib.contextmanager
     def reference(self):
         """The unmodified model for the duration of the block (the yardstick for quality)."""
+        if self._dropped:
+            raise InputError("this engine released its original weights (keep_reference=False); "
+                             "reference logits need keep_reference=True")
         with self._lock, bypassed(self.model):
             yield self
 

@@ -13,22 +13,50 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from workbench.policy import SPARSITY_RULES, WEIGHT_FORMATS, Setting
 
 
-def check_setting(base: nn.Module, setting: Setting, fqn: str) -> None:
+def check_setting(base: nn.Module, setting: Setting, fqn: str, embedding: bool = False) -> None:
     """Raise a PolicyError naming `fqn` if `setting` cannot apply to this layer's shape."""
     if not setting.weights.is_identity:
-        WEIGHT_FORMATS.get(setting.weights.format).check_shape(setting.weights, tuple(base.weight.shape), fqn)
+        WEIGHT_FORMATS.get(setting.weights.format).check_shape(setting.weights, tuple(base.weight.shape), fqn,
+                                                               embedding)
+
+
+class SharedInputCache:
+    """One-entry memo of the last sparsified input, shared by a model's wrappers.
+
+    q/k/v (and gate/up) receive the very same tensor; with equal sparsifier keys the first computes the
+    sparse input and the zero count, the others reuse them. The tensor's version counter guards against
+    in-place edits between the calls.
+    """
+
+    def __init__(self):
+        self.input = self.output = self.nonzero = self.key = None
+        self.version = -1
+
+    @staticmethod
+    def _version_of(x: torch.Tensor) -> int:
+        return 0 if x.is_inference() else x._version  # inference tensors keep no version counter
+
+    def matches(self, x: torch.Tensor, key: tuple) -> bool:
+        return x is self.input and key == self.key and self._version_of(x) == self.version
+
+    def store(self, x: torch.Tensor, key: tuple, output: torch.Tensor, nonzero) -> None:
+        self.input, self.version, self.key, self.output, self.nonzero = x, self._version_of(x), key, output, nonzero
+
+    def clear(self) -> None:
+        self.__init__()
 
 
 class WorkbenchLinear(nn.Module):
     is_workbench_linear = True
 
     def __init__(self, base: nn.Linear, setting: Setting, fqn: str = "", role: str | None = None,
-                 calibration: Any = None):
+                 calibration: Any = None, store: nn.Module | None = None):
         super().__init__()
         self.base = base
         self.setting = setting
@@ -39,38 +67,52 @@ class WorkbenchLinear(nn.Module):
         sp = setting.sparsity
         self.sparsifier = None if sp.is_identity else SPARSITY_RULES.get(sp.rule).build(sp, base.weight, calibration)
         w = setting.weights
-        self.store = None if w.is_identity else WEIGHT_FORMATS.get(w.format).quantize(base.weight.detach(), w)
+        if store is None and not w.is_identity:
+            store = WEIGHT_FORMATS.get(w.format).quantize(base.weight.detach(), w)
+        self.store = store  # shared with a tied embedding's wrapper when both use one format
         self.track_stats = True
-        self.register_buffer("zeros_seen", torch.zeros((), dtype=torch.float64), persistent=False)
-        self.register_buffer("entries_seen", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.input_cache: SharedInputCache | None = None  # set by apply_policy: one per model
+        self.register_buffer("nonzero_seen", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.entries_seen = 0
 
     @classmethod
     def from_linear(cls, base: nn.Linear, setting: Setting, fqn: str = "", role: str | None = None,
-                    calibration: Any = None) -> "WorkbenchLinear":
-        return cls(base, setting, fqn, role, calibration)
+                    calibration: Any = None, store: nn.Module | None = None) -> "WorkbenchLinear":
+        return cls(base, setting, fqn, role, calibration, store)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass:
             return self.base(x)
         if self.sparsifier is not None and not (self.dense_multi_token and x.shape[-2] > 1):
-            x = self.sparsifier(x)
-            if self.track_stats:
-                self.zeros_seen += (x == 0).sum()
-                self.entries_seen += x.numel()
-        y = self.base(x) if self.store is None else self.store.matmul(x)
-        if self.store is not None and self.base.bias is not None:
-            y = y + self.base.bias
-        return y
+            x = self._sparsify(x)
+        if self.store is None:
+            return F.linear(x, self.base.weight, self.base.bias)
+        y = self.store.matmul(x)
+        return y if self.base.bias is None else y + self.base.bias
+
+    def _sparsify(self, x: torch.Tensor) -> torch.Tensor:
+        cache, key = self.input_cache, self.sparsifier.key
+        if cache is not None and key is not None and cache.matches(x, key):
+            xs, nonzero = cache.output, cache.nonzero
+        else:
+            xs = self.sparsifier.fn(x)
+            nonzero = xs.bool().sum() if self.track_stats else None  # 10x faster than count_nonzero on CPU
+            if cache is not None and key is not None:
+                cache.store(x, key, xs, nonzero)
+        if self.track_stats and nonzero is not None:
+            self.nonzero_seen += nonzero  # one tensor op; no host sync on GPU
+            self.entries_seen += x.numel()  # a Python int
+        return xs
 
     # ---- facts for stats() ---------------------------------------------------------------------------
     @property
     def achieved_sparsity(self) -> float | None:
-        n = float(self.entries_seen)
-        return float(self.zeros_seen) / n if n else None
+        n = self.entries_seen
+        return 1.0 - int(self.nonzero_seen) / n if n else None
 
     def reset_stats(self) -> None:
-        self.zeros_seen.zero_()
-        self.entries_seen.zero_()
+        self.nonzero_seen.zero_()
+        self.entries_seen = 0
 
     def compute_weight_bytes(self) -> int:
         """Bytes the compute path reads for this layer's weight (packed data and scales)."""
@@ -79,7 +121,47 @@ class WorkbenchLinear(nn.Module):
         return self.base.weight.numel() * self.base.weight.element_size()
 
     def dequantized_weight(self) -> torch.Tensor:
+        """The weight the compute path multiplies by (float32 for quantized formats)."""
         return self.base.weight if self.store is None else self.store.dequantize()
+
+    def merge_delta(self, delta: torch.Tensor) -> dict:
+        """Fold an (N, K) update into the layer: dequantize, add, requantize (never touch packed bytes).
+
+        Returns the requantization error against the exact sum, so a caller can report what merging
+        into a low-bit format cost. Layers without a format add the delta to a copy of the base weight.
+        """
+        from workbench.ops.quant import sqnr_db
+        exact = self.dequantized_weight().float() + delta.float()
+        if self.store is None:
+            self.base = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
+                                  device=exact.device, dtype=self.base.weight.dtype).requires_grad_(False)
+            self.base.weight.data.copy_(exact)
+            return {"sqnr_db": float("inf"), "max_abs_error": 0.0}
+        fmt = WEIGHT_FORMATS.get(self.setting.weights.format)
+        self.store = fmt.quantize(exact.to(self.base.weight.dtype), self.setting.weights)
+        approx = self.store.dequantize()
+        return {"sqnr_db": sqnr_db(exact, approx), "max_abs_error": (exact - approx).abs().max().item()}
 
     def extra_repr(self) -> str:
         return f"{self.fqn or 'linear'}: in={self.in_features}, out={self.out_features}, setting={self.setting}"
+
+
+class WorkbenchEmbedding(nn.Module):
+    """A quantized embedding table: looks up packed rows and dequantizes only those (keeps `.base`)."""
+
+    is_workbench_embedding = True
+
+    def __init__(self, base: nn.Embedding, setting: Setting, fqn: str = "", store: nn.Module | None = None):
+        super().__init__()
+        self.base, self.setting, self.fqn = base, setting, fqn
+        self.bypass = False
+        self.store = store or WEIGHT_FORMATS.get(setting.weights.format).quantize(base.weight.detach(), setting.weights)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.bypass:
+            return self.base(ids)
+        rows = self.store.dequantize_rows(ids.reshape(-1))  # (n, D) float32
+        return rows.to(self.base.weight.dtype).reshape(*ids.shape, -1)
+
+    def compute_weight_bytes(self) -> int:
+        return self.store.nbytes

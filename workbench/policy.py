@@ -181,9 +181,12 @@ class Policy:
     default: Setting = field(default_factory=Setting)
     rules: tuple[Rule, ...] = ()
     name: str = "identity"
+    calibration: str | None = None  # path of a calibration artifact (thresholds); relative to the policy file
 
     def __post_init__(self):
         object.__setattr__(self, "rules", tuple(self.rules))
+        if self.calibration is not None and (not isinstance(self.calibration, str) or not self.calibration):
+            raise PolicyError(f"policy.calibration must be a path string, got {self.calibration!r}")
         for r in self.rules:
             if not isinstance(r, Rule):
                 raise PolicyError(f"policy.rules must hold Rule objects, got {type(r).__name__}")
@@ -202,6 +205,9 @@ class Policy:
     def is_identity(self) -> bool:
         return self.default.is_identity and all(r.setting.is_identity for r in self.rules)
 
+    def settings(self) -> list[Setting]:
+        return [self.default] + [r.setting for r in self.rules]
+
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
     def identity(cls) -> "Policy":
@@ -209,8 +215,10 @@ class Policy:
 
     @classmethod
     def uniform(cls, sparsity: float = 0.0, rule: str | None = None, precision: str = "none",
-                attention: str = "dense", name: str | None = None) -> "Policy":
+                attention: str = "dense", name: str | None = None, head: str | None = None) -> "Policy":
         """One setting for every block linear and attention layer, from CLI-style shorthands.
+
+        `head` (a format) also quantizes the embedding table and lm_head, which the default never touches.
 
         >>> Policy.uniform(precision="none").is_identity
         True
@@ -221,7 +229,11 @@ class Policy:
             attention=parse_attention(attention),
         )
         label = name or describe(setting)
-        return cls(default=setting, name=label)
+        rules = ()
+        if head is not None:
+            rules = (Rule("role:lm_head,embed", Setting(weights=parse_precision(head))),)
+            label = name or f"{label}+head:{rules[0].setting.weights.label}"
+        return cls(default=setting, rules=rules, name=label)
 
     def with_rule(self, match: str, **sections: Any) -> "Policy":
         """Append a rule whose unspecified sections inherit the default: ``with_rule("role:down", weights=W)``."""
@@ -230,8 +242,11 @@ class Policy:
 
     # ---- JSON ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"version": POLICY_VERSION, "name": self.name, "default": _setting_to_dict(self.default),
-                "rules": [{"match": r.match, **_setting_to_dict(r.setting)} for r in self.rules]}
+        out = {"version": POLICY_VERSION, "name": self.name, "default": _setting_to_dict(self.default),
+               "rules": [{"match": r.match, **_setting_to_dict(r.setting)} for r in self.rules]}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
@@ -240,7 +255,7 @@ class Policy:
     def from_dict(cls, data: Any) -> "Policy":
         if not isinstance(data, Mapping):
             raise PolicyError(f"a policy must be a JSON object, got {type(data).__name__}")
-        _reject_unknown("policy", data, {"version", "name", "default", "rules"})
+        _reject_unknown("policy", data, {"version", "name", "default", "rules", "calibration"})
         version = data.get("version", POLICY_VERSION)
         if version != POLICY_VERSION:
             raise PolicyError(f"policy version {version!r} is not supported; this workbench reads version {POLICY_VERSION}")
@@ -257,7 +272,7 @@ class Policy:
         name = data.get("name", "custom")
         if not isinstance(name, str):
             raise PolicyError(f"policy.name must be a string, got {name!r}")
-        return cls(default=default, rules=tuple(rules), name=name)
+        return cls(default=default, rules=tuple(rules), name=name, calibration=data.get("calibration"))
 
     @classmethod
     def from_json(cls, text: str) -> "Policy":
@@ -275,7 +290,10 @@ class Policy:
         p = Path(path)
         if not p.is_file():
             raise PolicyError(f"policy file not found: {p}")
-        return cls.from_json(p.read_text())
+        policy = cls.from_json(p.read_text())
+        if policy.calibration and not Path(policy.calibration).is_absolute():  # artifacts live beside the policy
+            policy = dataclasses.replace(policy, calibration=str(p.parent / policy.calibration))
+        return policy
 
 
 _SECTIONS = {"sparsity": Sparsity, "weights": Weights, "attention": Attention}

@@ -8,7 +8,7 @@ phi3, deepseek_v2/v3/v32 and their MoE variants; the first match wins. Roles:
 * ``qkv gate_up``        fused projections (phi3);
 * ``gate up down``       MLP projections, shared experts and per-expert linears included;
 * ``experts``            fused expert tensors (transformers 5 stores routed experts as 3-D parameters);
-* ``router indexer lm_head``  never touched by a policy default, only by a rule that names them;
+* ``router indexer lm_head embed``  never touched by a policy default, only by a rule that names them;
 * ``attention``          the attention module itself (where attention selectors act).
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ ROLE_TABLE: tuple[tuple[str, str], ...] = (
     (r"\.mlp\.experts$", "experts"),
     (r"\.mlp\.(gate|router)$", "router"),
     (r"(^|\.)lm_head$", "lm_head"),
+    (r"(^|\.)embed_tokens$", "embed"),
 )
 _COMPILED = tuple((re.compile(p), role) for p, role in ROLE_TABLE)
 
@@ -72,10 +73,18 @@ def linear_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, str | Non
 def _walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
     """named_modules() that does not descend into workbench wrappers (their `.base` is not a model layer)."""
     yield prefix, module
-    if getattr(module, "is_workbench_linear", False):
+    if getattr(module, "is_workbench_linear", False) or getattr(module, "is_workbench_embedding", False):
         return
     for name, child in module.named_children():
         yield from _walk(child, f"{prefix}.{name}" if prefix else name)
+
+
+def embedding_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(fqn, module) for token-embedding tables (plain or wrapped)."""
+    for fqn, module in _walk(model, ""):
+        if role_of(fqn) == "embed" and (isinstance(module, nn.Embedding)
+                                         or getattr(module, "is_workbench_embedding", False)):
+            yield fqn, module
 
 
 def attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -19,8 +19,9 @@ from typing import Any, Iterator
 
 from torch import nn
 
+from workbench.errors import PolicyError
 from workbench.policy import Policy, Setting
-from workbench.roles import attention_modules, linear_modules
+from workbench.roles import attention_modules, embedding_modules, linear_modules
 
 log = logging.getLogger(__name__)
 
@@ -41,40 +42,77 @@ def plan(model: nn.Module, policy: Policy) -> list[PlannedModule]:
         if not setting.linear_is_identity:
             check_setting(_base(module), setting, fqn)
         planned.append(PlannedModule(fqn, role, setting))
+    for fqn, module in embedding_modules(model):
+        setting = policy.setting_for(fqn, "embed")
+        if not setting.sparsity.is_identity:
+            raise PolicyError(f"{fqn} is an embedding table: it takes a weight format, not activation sparsity")
+        if not setting.weights.is_identity:
+            check_setting(_base(module), setting, fqn, embedding=True)
+        planned.append(PlannedModule(fqn, "embed", setting))
     return planned
 
 
-def apply_policy(model: nn.Module, policy: Policy, calibration: Any = None) -> nn.Module:
+def apply_policy(model: nn.Module, policy: Policy, calibration: Any = None,
+                 store_cache: dict | None = None) -> nn.Module:
     """Apply `policy` in place and return the model.
+
+    `store_cache` (a dict the caller keeps) remembers packed weights by (original weight, format), so
+    switching back to a format seen before costs no requantization (what a live slider needs).
 
     >>> from workbench.models import load
     >>> model = load("synthetic:tiny-llama").model
     >>> _ = apply_policy(model, Policy.identity())
     """
-    from workbench.layers import WorkbenchLinear
+    from workbench.layers import SharedInputCache
     steps = plan(model, policy)
-    for step in steps:
+    cache = SharedInputCache()
+    # (weight storage, format) -> packed weight: tied tables quantize once, revisited formats not at all
+    stores: dict[tuple, nn.Module] = store_cache if store_cache is not None else {}
+    swaps = []  # build every wrapper first: a failure part-way leaves the model untouched
+    for step in sorted(steps, key=lambda s: s.role != "embed"):
         module = model.get_submodule(step.fqn)
-        base = _base(module)
-        if step.setting.linear_is_identity:
-            replacement = base
-        elif getattr(module, "is_workbench_linear", False) and module.setting == step.setting \
-                and module.calibration is _calibration_for(calibration, step.fqn):
-            replacement = module
-        else:
-            replacement = WorkbenchLinear.from_linear(base, step.setting, step.fqn, step.role,
-                                                      _calibration_for(calibration, step.fqn))
+        swaps.append((step.fqn, module, _replacement(module, step, _calibration_for(calibration, step.fqn), stores)))
+    for fqn, module, replacement in swaps:
         if replacement is not module:
-            model.set_submodule(step.fqn, replacement)
+            model.set_submodule(fqn, replacement)
+        if getattr(replacement, "is_workbench_linear", False):
+            replacement.input_cache = cache
     _apply_attention(model, policy)
     model.workbench_policy = policy
     return model
+
+
+def _replacement(module: nn.Module, step: PlannedModule, cal: Any, stores: dict) -> nn.Module:
+    """The module `step` asks for: the original, the current wrapper (unchanged setting), or a new one."""
+    from workbench.layers import WorkbenchEmbedding, WorkbenchLinear
+    base = _base(module)
+    identity = step.setting.weights.is_identity if step.role == "embed" else step.setting.linear_is_identity
+    if identity:
+        return base
+    if _is_wrapper(module) and module.setting == step.setting and getattr(module, "calibration", None) is cal:
+        return module
+    key = (base.weight.data_ptr(), step.setting.weights)
+    shared = stores.get(key) if not step.setting.weights.is_identity else None
+    if step.role == "embed":
+        wrapper = WorkbenchEmbedding(base, step.setting, step.fqn, store=shared)
+    else:
+        wrapper = WorkbenchLinear.from_linear(base, step.setting, step.fqn, step.role, cal, store=shared)
+    if wrapper.store is not None and base.weight.device.type != "meta":
+        stores[key] = wrapper.store
+    return wrapper
+
+
+def _is_wrapper(module: nn.Module) -> bool:
+    return getattr(module, "is_workbench_linear", False) or getattr(module, "is_workbench_embedding", False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """Restore every original module and attention implementation (exact: the originals were kept)."""
     for fqn, module, _ in list(linear_modules(model)):
         if getattr(module, "is_workbench_linear", False):
+            model.set_submodule(fqn, module.base)
+    for fqn, module in list(embedding_modules(model)):
+        if getattr(module, "is_workbench_embedding", False):
             model.set_submodule(fqn, module.base)
     _apply_attention(model, Policy.identity())
     if hasattr(model, "workbench_policy"):
@@ -95,7 +133,7 @@ def bypassed(model: nn.Module):
     The reference for every quality number; needs the originals kept (`keep_reference=True`).
     """
     from workbench.attention import dense_attention
-    active = [m for _, m in wrappers(model)]
+    active = [m for _, m in wrappers(model)] + [m for _, m in embedding_modules(model) if _is_wrapper(m)]
     for m in active:
         m.bypass = True
     try:
@@ -107,7 +145,7 @@ def bypassed(model: nn.Module):
 
 
 def _base(module: nn.Module) -> nn.Module:
-    return module.base if getattr(module, "is_workbench_linear", False) else module
+    return module.base if _is_wrapper(module) else module
 
 
 def _calibration_for(calibration: Any, fqn: str) -> Any:

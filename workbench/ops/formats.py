@@ -1,21 +1,172 @@
-"""Weight formats: how a linear layer's weight is stored and multiplied.
+"""Weight formats as registry entries, and `PackedWeight`, the storage a quantized layer holds.
 
-Each format is a registry entry; `none` keeps the model's own weights and dtype (the identity).
+A format knows how to validate its parameters, check a layer's shape, quantize, dequantize and compute
+its byte arithmetic. The matmul goes through `MATMUL_BACKENDS` keyed by (format, device type): the
+reference (dequantize, then matmul) serves everywhere; a fast path registers itself where one exists
+(aten's int8pack on CPU here; the GPU kernels register theirs), and must equal the reference.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
-from workbench.policy import WEIGHT_FORMATS
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.errors import PolicyError
+from workbench.ops import quant
+from workbench.policy import WEIGHT_FORMATS, Weights
+
+INT4_GROUPS = (32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
-class WeightFormatEntry:
+class WeightFormat:
     name: str
+    quantize_fn: Callable | None = None  # (w, spec) -> dict of tensors
+    dequantize_fn: Callable | None = None  # dict -> float32 (N, K)
     doc: str = ""
 
-    def label(self, weights) -> str:
+    # -- parameters ------------------------------------------------------------------------------------
+    def validate(self, spec: Weights) -> None:
+        if self.name in ("none", "fp32", "bf16", "fp16", "fp8") and spec.group_size is not None:
+            raise PolicyError(f"weight format {self.name!r} takes no group size, got {spec.group_size}")
+        if self.name == "int4":
+            if spec.group_size is None:
+                raise PolicyError("weight format 'int4' needs a group size: int4-g32, int4-g64, int4-g128 or int4-g256")
+            if spec.group_size not in INT4_GROUPS:
+                raise PolicyError(f"int4 group size must be one of {', '.join(map(str, INT4_GROUPS))}, "
+                                  f"got {spec.group_size}")
+        if not spec.symmetric and self.name != "int4":
+            raise PolicyError(f"weight format {self.name!r} is symmetric only; asymmetric is an int4 option")
+
+    def label(self, spec: Weights) -> str:
+        if self.name == "int8" and spec.group_size:
+            return f"int8-block{spec.group_size}"
+        if self.name == "int4":
+            return f"int4-g{spec.group_size}" + ("" if spec.symmetric else "-asym")
         return self.name
 
+    def check_shape(self, spec: Weights, shape: tuple[int, int], fqn: str, embedding: bool = False) -> None:
+        n, k = shape
+        if embedding and self.name == "int8" and spec.group_size:
+            raise PolicyError(f"{self.label(spec)} cannot apply to {fqn}: an embedding needs a row-wise format "
+                              "(int8, int4-gN, fp8 or a cast)")
+        g = spec.group_size
+        if self.name == "int4" and k % g:
+            raise PolicyError(f"{self.label(spec)} cannot apply to {fqn}: its {k} input features are not a "
+                              f"multiple of the group size {g}")
+        if self.name == "int8" and g and (n % g or k % g):
+            raise PolicyError(f"{self.label(spec)} cannot apply to {fqn}: its shape {n}x{k} is not a multiple "
+                              f"of the {g}x{g} block")
 
-WEIGHT_FORMATS.register("none", WeightFormatEntry("none", doc="the model's own weights and dtype"))
+    # -- storage ---------------------------------------------------------------------------------------
+    def expected_bytes(self, spec: Weights, shape: tuple[int, int]) -> int:
+        """The format's arithmetic: what `PackedWeight.nbytes` must equal."""
+        n, k = shape
+        if self.name in ("fp32", "bf16", "fp16"):
+            return n * k * {"fp32": 4, "bf16": 2, "fp16": 2}[self.name]
+        if self.name == "fp8":
+            return n * k + 4 * n
+        if self.name == "int8":
+            g = spec.group_size
+            return n * k + (4 * (n // g) * (k // g) if g else 4 * n)
+        if self.name == "int4":
+            groups = n * (k // spec.group_size)
+            return n * k // 2 + 2 * groups * (1 if spec.symmetric else 2)
+        raise PolicyError(f"format {self.name!r} stores nothing of its own")
+
+    def bits_per_weight(self, spec: Weights, shape: tuple[int, int]) -> float:
+        return 8 * self.expected_bytes(spec, shape) / (shape[0] * shape[1])
+
+    def quantize(self, w: torch.Tensor, spec: Weights) -> "PackedWeight":
+        return PackedWeight(self, spec, tuple(w.shape), self.quantize_fn(w.detach(), spec), w.dtype)
+
+
+class PackedWeight(nn.Module):
+    """A quantized weight: its tensors are buffers (they move with `.to()`), not parameters."""
+
+    def __init__(self, fmt: WeightFormat, spec: Weights, shape: tuple[int, int], tensors: dict, compute_dtype):
+        super().__init__()
+        self.fmt, self.spec, self.shape = fmt, spec, shape
+        self.compute_dtype = compute_dtype  # the dtype activations arrive in
+        self.names = tuple(tensors)
+        for name, t in tensors.items():
+            self.register_buffer(name, t.contiguous(), persistent=False)
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self.names}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def dequantize(self) -> torch.Tensor:
+        """The exact reference weight this storage represents, float32 (N, K)."""
+        return self.fmt.dequantize_fn(self.tensors)
+
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Dequantize only the given output rows (an embedding lookup): (n,) -> (n, K) float32."""
+        t = self.tensors
+        if "scale" in t and t["scale"].dim() == 2 and self.fmt.name == "int8":
+            raise PolicyError("int8 block format cannot serve an embedding lookup; use int8 or int4")
+        return self.fmt.dequantize_fn({name: v[rows] for name, v in t.items()})
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        backend = MATMUL_BACKENDS.get((self.fmt.name, x.device.type), reference_matmul)
+        return backend(self, x)
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt.label(self.spec)}, shape={self.shape}, bytes={self.nbytes}"
+
+
+def reference_matmul(w: PackedWeight, x: torch.Tensor) -> torch.Tensor:
+    """Dequantize, then multiply: correct for every format on every device."""
+    return F.linear(x, w.dequantize().to(x.dtype))
+
+
+def _cast_matmul(w: PackedWeight, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.to(w.q.dtype), w.q).to(x.dtype)
+
+
+def _int8pack_cpu(w: PackedWeight, x: torch.Tensor) -> torch.Tensor:
+    """aten's int8 weight-only kernel: (x @ q.T) * scale, per-row scales only (no blocks)."""
+    if w.spec.group_size or x.dtype != torch.float32:
+        return reference_matmul(w, x)
+    shape = x.shape
+    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), w.q, w.scale)
+    return y.reshape(*shape[:-1], -1)
+
+
+MATMUL_BACKENDS: dict[tuple[str, str], Callable[[PackedWeight, torch.Tensor], torch.Tensor]] = {
+    ("fp32", "cpu"): _cast_matmul, ("bf16", "cpu"): _cast_matmul, ("fp16", "cpu"): _cast_matmul,
+    ("fp32", "cuda"): _cast_matmul, ("bf16", "cuda"): _cast_matmul, ("fp16", "cuda"): _cast_matmul,
+    ("int8", "cpu"): _int8pack_cpu,
+}
+
+
+def _cast(dtype):
+    return (lambda w, spec: {"q": w.to(dtype)}), (lambda t: t["q"].float())
+
+
+def _register() -> None:
+    WEIGHT_FORMATS.register("none", WeightFormat("none", doc="the model's own weights and dtype"))
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        q, dq = _cast(dtype)
+        WEIGHT_FORMATS.register(name, WeightFormat(name, q, dq, doc=f"a cast to {name}"))
+    WEIGHT_FORMATS.register("fp8", WeightFormat(
+        "fp8", lambda w, spec: quant.quantize_fp8(w), quant.dequantize_fp8, doc="e4m3, per-row scale"))
+    WEIGHT_FORMATS.register("int8", WeightFormat(
+        "int8",
+        lambda w, spec: quant.quantize_int8_block(w, spec.group_size) if spec.group_size
+        else quant.quantize_int8_channel(w),
+        lambda t: quant.dequantize_int8_block(t) if t["scale"].dim() == 2 else quant.dequantize_int8_channel(t),
+        doc="symmetric, per-row scale or absmax per b x b block"))
+    WEIGHT_FORMATS.register("int4", WeightFormat(
+        "int4", lambda w, spec: quant.quantize_int4(w, spec.group_size, spec.symmetric), quant.dequantize_int4,
+        doc="groups of g along K, fp16 scales, symmetric or asymmetric"))
+
+
+_register()
