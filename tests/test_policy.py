@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -13,7 +14,7 @@ def test_identity_policy_roundtrips_and_is_identity():
 
 
 def test_rules_roundtrip_and_first_match_wins():
-    s = Setting(attention=Attention("dense", budget=64))
+    s = Setting(attention=Attention("topk", budget=64))
     p = Policy(rules=(Rule("role:down", s), Rule("re:layers\\.0\\.", Setting())), name="mixed")
     q = Policy.from_json(p.to_json())
     assert q == p
@@ -30,14 +31,14 @@ def test_rule_kinds_match_as_documented():
 
 
 def test_default_applies_to_block_roles_only():
-    p = Policy(default=Setting(attention=Attention(budget=0.5)))
+    p = Policy(default=Setting(attention=Attention("topk", budget=0.5)))
     assert p.setting_for("model.layers.0.mlp.down_proj", "down") == p.default
     assert p.setting_for("lm_head", "lm_head") == Setting()
     assert p.setting_for("model.layers.0.mlp.gate", "router") == Setting()
 
 
 def test_json_rules_inherit_missing_sections_from_default():
-    data = {"default": {"attention": {"selector": "dense", "budget": 32}},
+    data = {"default": {"attention": {"selector": "topk", "budget": 32}},
             "rules": [{"match": "role:o", "weights": {"format": "none"}}]}
     p = Policy.from_dict(data)
     assert p.rules[0].setting.attention.budget == 32

@@ -134,9 +134,11 @@ class Engine:
             self.calibration = cached_calibration(self, greedy=need_greedy)
 
     def reset_stats(self) -> None:
-        """Start measuring achieved sparsity afresh."""
+        """Start measuring achieved sparsity and attention recall afresh."""
+        from workbench.sparse_attention import reset_recall
         for _, w in wrappers(self.model):
             w.reset_stats()
+        reset_recall(self.model)
 
     def unwrap(self) -> None:
         """Back to the unmodified model (identity policy)."""
@@ -280,6 +282,7 @@ class Engine:
         from workbench.accounting import weight_accounting
         with self._lock:
             facts = weight_accounting(self.model)
+            from workbench.sparse_attention import attention_recall
             facts.update(model=self.name, policy=self.policy.name, architecture=model_summary(self.model),
-                         last_forward_ms=self.last_latency_ms)
+                         last_forward_ms=self.last_latency_ms, attention_recall=attention_recall(self.model))
             return facts

@@ -49,7 +49,19 @@ def plan(model: nn.Module, policy: Policy) -> list[PlannedModule]:
         if not setting.weights.is_identity:
             check_setting(_base(module), setting, fqn, embedding=True)
         planned.append(PlannedModule(fqn, "embed", setting))
+    _check_attention(model, policy)
     return planned
+
+
+def _check_attention(model: nn.Module, policy: Policy) -> None:
+    """Selector sizes must fit the model's context (checked before anything is swapped)."""
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    for fqn, _ in attention_modules(model):
+        spec = policy.setting_for(fqn, "attention").attention
+        if spec.selector == "window" and context:
+            sinks, window = spec.params.get("sinks", 4), spec.params.get("window", 256)
+            if sinks + window > context:
+                raise PolicyError(f"window {sinks}+{window} does not fit the model's {context}-token context")
 
 
 def apply_policy(model: nn.Module, policy: Policy, calibration: Any = None,

@@ -143,8 +143,11 @@ def _int8pack_cpu(w: PackedWeight, x: torch.Tensor) -> torch.Tensor:
 MATMUL_BACKENDS: dict[tuple[str, str], Callable[[PackedWeight, torch.Tensor], torch.Tensor]] = {
     ("fp32", "cpu"): _cast_matmul, ("bf16", "cpu"): _cast_matmul, ("fp16", "cpu"): _cast_matmul,
     ("fp32", "cuda"): _cast_matmul, ("bf16", "cuda"): _cast_matmul, ("fp16", "cuda"): _cast_matmul,
-    ("int8", "cpu"): _int8pack_cpu,
 }
+# Fast paths that exist but lose here: aten's CPU int8 kernel equals the reference, yet on a 2-core CPU it
+# is no faster for one token and 8-12x slower for 128 (it loops over rows). Measured numbers in
+# experiments/quantization/README.md; register it in MATMUL_BACKENDS to use it anyway.
+OPTIONAL_BACKENDS = {("int8", "cpu"): _int8pack_cpu}
 
 
 def _cast(dtype):
