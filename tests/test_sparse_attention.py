@@ -100,6 +100,10 @@ def test_deepseek_v32_native_indexer_is_honoured_and_captured():
     assert cap["native"] == [0]
     kept = cap["selected"][0][0].sum(-1)
     assert kept.max() <= engine.model.config.index_topk  # the native top-k bounds what is attended
+    assert cap["native_overlap"][0] == 1.0  # full budget: ours keeps everything the native indexer picks
+    engine.reconfigure(Policy.uniform(attention="topk:2"))
+    partial = capture_attention(engine, "a short prompt for the indexer", layers=[0])["native_overlap"][0]
+    assert 0 < partial < 1
 
 
 @pytest.mark.parametrize("text, message", [

@@ -63,6 +63,18 @@ class AttentionCapture:
         self.dense: dict[int, np.ndarray] = {}
         self.kept: dict[int, np.ndarray] = {}
         self.native: set[int] = set()
+        self.overlap: dict[int, list[float]] = {}  # layer -> [sum of per-query overlap, queries]
+
+    def record_ours(self, layer: int, start: int, ours: torch.Tensor, native, valid: torch.Tensor) -> None:
+        """With a native selection (DeepSeek-V3.2): how much of it our selector also picks, per query."""
+        if layer not in self.layers or native is None:
+            return
+        nat = native.expand_as(ours) & valid
+        both = (ours & nat).sum(-1).float()
+        share = both / nat.sum(-1).clamp(min=1).float()  # (B, H, c)
+        acc = self.overlap.setdefault(layer, [0.0, 0])
+        acc[0] += share.sum().item()
+        acc[1] += share.numel()
 
     def record(self, layer: int, start: int, dense: torch.Tensor, keep: torch.Tensor, native: bool,
                valid: torch.Tensor) -> None:
@@ -89,7 +101,8 @@ def capture_attention(engine, prompt: str | list, layers: list[int] | None = Non
 
     Returns {"tokens": [str], "layers": [...], "heads": [...], "dense": {layer: (h, T, T) float16},
     "selected": {layer: (h, T, T) bool}, "recall": {layer: [per-head recall]}, "selector": {layer: name},
-    "native": [layers whose selection includes the model's own DSA indexer]}.
+    "native": [layers whose selection includes the model's own DSA indexer], "native_overlap": {layer: share
+    of the native indexer's keys that our selector also picks}}.
     """
     model = engine.model
     n_layers = model.config.num_hidden_layers
@@ -125,5 +138,7 @@ def capture_attention(engine, prompt: str | list, layers: list[int] | None = Non
     recall = {l: [float((capture.dense[l][h].astype(np.float32) * capture.kept[l][h]).sum(-1).mean())
                   for h in range(capture.dense[l].shape[0])] for l in capture.dense}
     names = {i: selectors.get(i, Attention()).selector for i in layers}
+    overlap = {l: acc[0] / acc[1] for l, acc in capture.overlap.items() if acc[1]}
     return {"tokens": tokens, "layers": layers, "heads": heads or list(range(n_heads)), "dense": capture.dense,
-            "selected": capture.kept, "recall": recall, "selector": names, "native": sorted(capture.native)}
+            "selected": capture.kept, "recall": recall, "selector": names, "native": sorted(capture.native),
+            "native_overlap": overlap}

@@ -140,6 +140,7 @@ def cmd_info(args) -> int:
     if not args.modules:
         stats.pop("modules")
     stats["architecture"] = model_summary(engine.model)
+    stats["load_seconds"] = round(engine.loaded.load_seconds, 3)
     stats["policy_detail"] = engine.policy.to_dict()
     if args.json:
         print(json.dumps(stats))
@@ -147,6 +148,7 @@ def cmd_info(args) -> int:
     arch = stats["architecture"]
     print(f"model    {engine.name} ({arch['model_type']}, {arch['layers']} layers, hidden {arch['hidden_size']}, "
           f"{arch['parameters'] / 1e6:.1f}M parameters, {arch['dtype']} on {arch['device']})")
+    print(f"loaded   in {stats['load_seconds']:.2f} s from {engine.loaded.source}")
     print(f"policy   {engine.policy.name}")
     print(f"weights  {stats['weight_bytes'] / 2**20:.1f} MiB on the compute path "
           f"(fp32 {stats['fp32_bytes'] / 2**20:.1f} MiB, bf16 {stats['bf16_bytes'] / 2**20:.1f} MiB)")

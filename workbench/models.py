@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ class LoadedModel:
     tokenizer: Any
     name: str  # what the user asked for ("default", a path, "synthetic:tiny-llama")
     source: str  # where the weights came from (a folder, or "random(seed=0)")
+    load_seconds: float = 0.0  # wall time of the load (provisioning excluded)
 
 
 def cache_dir() -> Path:
@@ -72,11 +74,13 @@ def load(name: str = "default", device: str | None = None, dtype: torch.dtype | 
     dtype = dtype or default_dtype(device)
     if name.startswith(SYNTHETIC_PREFIX):
         from workbench.synthetic import build_synthetic
+        t0 = time.perf_counter()
         model, tokenizer = build_synthetic(name[len(SYNTHETIC_PREFIX):], device=device, dtype=dtype, seed=seed)
-        return LoadedModel(model.eval(), tokenizer, name, f"random(seed={seed})")
+        return LoadedModel(model.eval(), tokenizer, name, f"random(seed={seed})", time.perf_counter() - t0)
     folder = provision_default() if name == "default" else _local_or_hub(name)
+    t0 = time.perf_counter()
     model, tokenizer = _load_pretrained(str(folder), device, dtype)
-    return LoadedModel(model, tokenizer, name, str(folder))
+    return LoadedModel(model, tokenizer, name, str(folder), time.perf_counter() - t0)
 
 
 def _local_or_hub(name: str) -> str:

@@ -89,23 +89,27 @@ def workbench_attention(module, query, key, value, attention_mask, scaling=None,
     scaling = scaling if scaling is not None else 1 / math.sqrt(d)
     valid = _valid_keys(attention_mask, b, tq, tk, query.device)
     native = kwargs.get("indices")  # DeepSeek-V3.2's own top-k, (B, Tq, k)
+    chosen = None
     if native is not None:
-        chosen = torch.zeros(b, tq, tk, dtype=torch.bool, device=query.device)
-        chosen.scatter_(-1, native.long().clamp(max=tk - 1), True)
-        valid = valid & chosen[:, None]
+        chosen = torch.zeros(b, 1, tq, tk, dtype=torch.bool, device=query.device)
+        chosen.scatter_(-1, native.long().clamp(max=tk - 1)[:, None], True)
     k, v = _expand_heads(key, h), _expand_heads(value, h)
     if spec.is_identity and capture is None:
-        out = F.scaled_dot_product_attention(query, k, v, attn_mask=valid, scale=scaling)
+        mask = valid if chosen is None else valid & chosen
+        out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling)
         return out.transpose(1, 2).contiguous(), None
     outs = []
     for start in range(0, tq, QUERY_CHUNK):
         q = query[:, :, start:start + QUERY_CHUNK]
+        native_chunk = None if chosen is None else chosen[:, :, start:start + QUERY_CHUNK]
         outs.append(_attend_chunk(module, spec, q, k, v, valid[:, :, start:start + QUERY_CHUNK], scaling,
-                                  capture, start, native is not None))
+                                  capture, start, native_chunk))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
-def _attend_chunk(module, spec, q, k, v, valid, scaling, capture, start, has_native):
+def _attend_chunk(module, spec, q, k, v, valid, scaling, capture, start, native):
+    """Our selection runs on the causal mask alone, so it can be compared with a native one; the model's
+    native selection (DeepSeek-V3.2) is then intersected, as the model itself would attend."""
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling  # (B, H, c, Tk)
     valid = valid.expand(-1, scores.shape[1], -1, -1)
     scores = scores.masked_fill(~valid, float("-inf"))
@@ -114,12 +118,17 @@ def _attend_chunk(module, spec, q, k, v, valid, scaling, capture, start, has_nat
     else:
         ctx = SelectionContext(spec, q, k, scores, valid)
         keep = (SELECTOR_FNS[spec.selector](ctx) | ctx.always_kept()) & valid
+    if capture is not None:
+        capture.record_ours(module.layer_idx, start, keep, native, valid)
+    if native is not None:
+        keep = keep & native
+        scores = scores.masked_fill(~native, float("-inf"))
     dense = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows (left padding) -> 0
     probs = dense if spec.is_identity else torch.softmax(scores.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
     if not spec.is_identity:
         _record_recall(module, dense, keep, valid)
     if capture is not None:
-        capture.record(module.layer_idx, start, dense, keep, has_native, valid)
+        capture.record(module.layer_idx, start, dense, keep, native is not None, valid)
     return torch.matmul(probs.to(v.dtype), v)
 
 

@@ -13,6 +13,7 @@ import json
 import re
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from workbench import Engine, Policy
@@ -38,11 +39,29 @@ def main():
     ap.add_argument("--contexts", default="512,2048")
     ap.add_argument("--budgets", default="0.05,0.1,0.25,0.5")
     ap.add_argument("--selectors", default=",".join(SELECTORS))
+    ap.add_argument("--report-only", action="store_true", help="redo figures and table from the results file")
+    ap.add_argument("--dtype", default="float32", help="model dtype (float32 everywhere for comparable numbers)")
     args = ap.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
     budgets = [float(b) for b in args.budgets.split(",")]
     selectors = args.selectors.split(",")
-    engine = Engine.from_pretrained(args.model)
+    tag = "_".join(map(str, contexts))
+    results = HERE / f"results_{tag}.json"
+    if args.report_only:  # figures and table again from a results file (e.g. one measured on a GPU)
+        rows = json.loads(results.read_text())["rows"]
+    else:
+        rows = measure(args.model, contexts, selectors, budgets, getattr(torch, args.dtype))
+        meta = {"model": args.model, "contexts": contexts, "budgets": budgets, **environment()}
+        results.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        with open(HERE / f"results_{tag}.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    report(rows, args.model, contexts, selectors, budgets, tag)
+
+
+def measure(model, contexts, selectors, budgets, dtype):
+    engine = Engine.from_pretrained(model, dtype=dtype)
     rows = []
     jobs = [(c, s, b) for c in contexts for s in selectors for b in budgets]
     for context, selector, budget in tqdm(jobs, desc="sparse attention"):
@@ -54,17 +73,14 @@ def main():
                      "perplexity": r["perplexity"], "reference_perplexity": r["reference_perplexity"],
                      "tokens": r["tokens"], "seconds": r["seconds"]})
         print(json.dumps(rows[-1]), flush=True)
-    tag = "_".join(map(str, contexts))
-    meta = {"model": args.model, "contexts": contexts, "budgets": budgets, **environment()}
-    (HERE / f"results_{tag}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    with open(HERE / f"results_{tag}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    return rows
+
+
+def report(rows, model, contexts, selectors, budgets, tag):
     for context in contexts:
-        sub = [dict(r, group=r["selector"]) for r in rows if r["context"] == context]
+        sub = [r for r in rows if r["context"] == context]
         fig = sweep_figure(sub, "budget", ["kld_mean", "top1", "recall"], "selector",
-                           title=f"Sparse attention on {args.model}, {context}-token context",
+                           title=f"Sparse attention on {model}, {context}-token context",
                            x_title="key budget (fraction of context)")
         save_figure(fig, HERE / f"sweep_{context}")
     lines = ["| context | selector | " + " | ".join(f"budget {b:g}: KLD / top-1 / recall" for b in budgets) + " |",

@@ -154,7 +154,8 @@ def select_hierarchical(ctx: SelectionContext) -> torch.Tensor:
     # the query's own block is pooled over future keys too: always keep it, never rank it (causality)
     own = torch.arange(score.shape[-1], device=score.device) == ctx.query_positions() // regional
     score = score.masked_fill(~block_valid | own, float("-inf"))
-    n_blocks = ((ctx.budget() - local - sinks).clamp(min=0) // regional - 1).clamp(min=0)  # own block counts
+    # the rest of the budget buys whole regional blocks (rounded up); the query's own block is one of them
+    n_blocks = (torch.ceil((ctx.budget() - local - sinks).clamp(min=0) / regional).long() - 1).clamp(min=0)
     chosen = own & block_valid
     if int(n_blocks.max().item()) > 0:
         chosen = chosen | (top_per_row(score, n_blocks.clamp(min=1)) & (n_blocks > 0))
