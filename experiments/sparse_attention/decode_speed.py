@@ -89,12 +89,29 @@ def run(context: int, batch: int, k: int) -> dict:
         v_sel = values_b.gather(2, gather).view(batch, KV_HEADS, k, HEAD_DIM)
         return F.scaled_dot_product_attention(q, k_sel, v_sel, enable_gqa=True)
 
+    # fused: Triton index scoring (one pass over the index cache) + top blocks + Triton split-K decode over
+    # the selected blocks read in place (workbench/kernels/sparse_decode.py)
+    from workbench.kernels import sparse_decode as kern
+    from workbench.ops.sparse_decode import select_blocks as top_blocks
+    seq_lens = torch.full((batch,), context, device=dev, dtype=torch.int32)
+    q_index = q[:, :, 0, : INDEX_DIM * 2].contiguous()
+    q_flat = q[:, :, 0].contiguous()
+
+    def fused_select():
+        return top_blocks(kern.index_block_scores(q_index, w_heads, shared_index, seq_lens, BLOCK), n_blocks,
+                          sort=False)
+
+    def fused():
+        return kern.block_sparse_attention(q_flat, keys, values, fused_select(), seq_lens, BLOCK)
+
     dense_ms, select_ms, sparse_ms = timed(dense), timed(select), timed(sparse)
     block_select_ms, block_ms = timed(select_blocks), timed(sparse_blocks)
+    fused_select_ms, fused_ms = timed(fused_select), timed(fused)
     kv_bytes = 2 * keys.numel() * keys.element_size()
     return {"context": context, "batch": batch, "k": k, "dense_ms": dense_ms,
             "token_select_ms": select_ms, "token_sparse_ms": sparse_ms, "token_speedup": dense_ms / sparse_ms,
             "block_select_ms": block_select_ms, "block_sparse_ms": block_ms, "block_speedup": dense_ms / block_ms,
+            "fused_select_ms": fused_select_ms, "fused_sparse_ms": fused_ms, "fused_speedup": dense_ms / fused_ms,
             "dense_kv_gb_per_s": kv_bytes / dense_ms / 1e6}
 
 
