@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab = sub.add_parser("lab", help="open JupyterLab on the curated notebooks")
     lab.add_argument("--port", type=int, default=8888)
     lab.add_argument("--no-browser", action="store_true")
+    lab.add_argument("jupyter_args", nargs=argparse.REMAINDER,
+                     help="anything after -- goes to JupyterLab (e.g. -- --IdentityProvider.token=...)")
 
     cal = sub.add_parser("calibrate", help="activation histograms (and greedy allocation) for sparsity thresholds")
     cal.add_argument("--model", default="default")
@@ -205,6 +207,7 @@ def cmd_lab(args) -> int:
         cmd.append("--no-browser")
     if os.geteuid() == 0:
         cmd.append("--allow-root")
+    cmd += [a for a in args.jupyter_args if a != "--"]
     os.execv(sys.executable, cmd)
     return 0  # not reached
 
