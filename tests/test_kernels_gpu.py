@@ -50,3 +50,18 @@ def test_all_blocks_equal_dense_attention(cache):
         dense = torch.nn.functional.scaled_dot_product_attention(
             q, cache["keys"][i:i + 1, :, :n], cache["values"][i:i + 1, :, :n], enable_gqa=True)[:, :, 0]
         assert torch.allclose(got[i:i + 1].float(), dense.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse_gemv_matches_reference(sparsity, dtype):
+    from workbench.kernels.sparse_gemv import sparse_gemv
+    from workbench.ops.sparsify import threshold_sparsify
+    torch.manual_seed(0)
+    k, n = 4096, 1000  # n not a multiple of the tile
+    w = (torch.randn(n, k, device="cuda") * 0.02).to(dtype)
+    x = torch.randn(k, device="cuda").to(dtype)
+    t = torch.quantile(x.float().abs(), sparsity).item() if sparsity else 0.0
+    got = sparse_gemv(x, w.t().contiguous(), t)
+    want = torch.nn.functional.linear(threshold_sparsify(x.float(), t), w.float())
+    assert torch.allclose(got.float(), want, rtol=2e-2, atol=2e-2)
