@@ -26,7 +26,9 @@ from workbench.transforms import apply_policy, bypassed, unwrap, wrappers
 
 log = logging.getLogger(__name__)
 
-Prompt = str | Sequence[dict]  # a plain string, or chat messages [{"role": ..., "content": ...}]
+Prompt = str | Sequence[dict]
+CACHE_QUANTUM = 256  # KV capacity is rounded up to this, so captured decode graphs get reused
+MAX_SLOTS = 64  # sequences decoded together by `generate`; more wait for a free slot  # a plain string, or chat messages [{"role": ..., "content": ...}]
 
 
 class Engine:
@@ -45,6 +47,8 @@ class Engine:
         # off when the engine runs lean (keep_reference=False), where memory is the point
         self.store_cache: dict | None = {} if keep_reference else None
         self._lock = threading.RLock()  # one forward at a time: widgets and servers call from threads
+        self._decode_states: dict = {}  # (slots, capacity) -> (decoder, cache, graphed step)
+        self.use_decode_loop = True  # False: transformers' generate even where our loop applies
         self.reconfigure(policy or Policy.identity(), calibration=calibration)
 
     @classmethod
@@ -77,6 +81,7 @@ class Engine:
                 self.calibration = calibration
             self._ensure_calibration(policy)
             self._restore_references(policy)
+            self._decode_states.clear()  # captured graphs hold the old modules
             apply_policy(self.model, policy, self.calibration, self.store_cache)
             self.policy = policy
             self.reset_stats()
@@ -143,6 +148,7 @@ class Engine:
     def unwrap(self) -> None:
         """Back to the unmodified model (identity policy)."""
         with self._lock:
+            self._decode_states.clear()
             unwrap(self.model)
             self.policy = Policy.identity()
 
@@ -208,10 +214,20 @@ class Engine:
                  stop: Sequence[str] | None = None) -> list[str]:
         """Generate a completion for each prompt (greedy when temperature is 0).
 
+        Llama-family models run the engine's own decode loop (`workbench.decode`: static slot cache,
+        CUDA graphs on GPU); other architectures run transformers' `generate`.
+
         >>> Engine.from_pretrained("synthetic:tiny-llama").generate(["hi"], max_new_tokens=2)  # doctest: +SKIP
         """
+        params = self._sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        if self.decode_path == "workbench":
+            seqs = self._sequences(prompts, chat, params)
+            with self._lock:
+                for _ in self._loop(seqs):
+                    pass
+            return [self._completion(s) for s in seqs]
         batch = self.encode(prompts, chat)
-        kwargs = self._generation_kwargs(batch, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        kwargs = self._generation_kwargs(batch, params)
         with self._lock, self._dense_prefill():
             out = self.model.generate(**batch, **kwargs)
         new = out[:, batch["input_ids"].shape[1]:]
@@ -221,9 +237,108 @@ class Engine:
                top_k: int = 0, seed: int | None = None, chat: bool | None = None,
                stop: Sequence[str] | None = None) -> Iterator[str]:
         """Yield the completion of one prompt piece by piece as it is generated."""
+        params = self._sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        if self.decode_path == "workbench":
+            (seq,) = self._sequences([prompt], chat, params)
+            shown = ""
+            with self._lock:
+                for _ in self._loop([seq]):
+                    text = self._completion(seq)
+                    if text.endswith("\ufffd") and not seq.finished:  # half a multi-byte character: wait
+                        continue
+                    if text.startswith(shown) and len(text) > len(shown):
+                        yield text[len(shown):]
+                        shown = text
+            return
+        yield from self._hf_stream(prompt, chat, params)
+
+    # ---- the decode loop -------------------------------------------------------------------------------
+    @property
+    def decode_path(self) -> str:
+        """"workbench" (our decode loop) or "transformers" (its generate, for other architectures)."""
+        from workbench.decode import unsupported_reason
+        if not self.use_decode_loop or unsupported_reason(self.model):
+            return "transformers"
+        return "workbench"
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        import os
+        return self.device.type == "cuda" and os.environ.get("WORKBENCH_CUDA_GRAPHS", "1") != "0"
+
+    def _sampling(self, max_new_tokens, temperature, top_p, top_k, seed, stop):
+        from workbench.decode import SamplingParams
+        if stop is not None and (isinstance(stop, str) or not all(isinstance(x, str) and x for x in stop)):
+            raise InputError("stop must be a list of non-empty strings")
+        params = SamplingParams(max_new_tokens, float(temperature), float(top_p), top_k or 0, seed,
+                                tuple(stop or ()))
+        params.validate()
+        return params
+
+    def _sequences(self, prompts, chat, params) -> list:
+        from workbench.decode import Sequence as Seq
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+            raise InputError("prompts must be a non-empty list of strings or chat message lists")
+        texts = [self._render(p, chat) for p in prompts]
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for row in ids:
+            if not row:
+                raise InputError("prompt is empty after tokenization")
+            self._check_context(len(row), params.max_new_tokens)
+        return [Seq(list(row), params) for row in ids]
+
+    def _check_context(self, prompt_tokens: int, new_tokens: int) -> None:
+        if prompt_tokens + new_tokens > self.max_positions:
+            raise InputError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({new_tokens}) "
+                             f"exceeds the model's context of {self.max_positions} tokens")
+
+    def decode_state(self, slots: int, capacity: int):
+        """The (cache, step) pair for `slots` x `capacity`: allocated once and reused; the step is a CUDA
+        graph on GPU. Dropped by `reconfigure` (the graph holds the old modules)."""
+        from workbench.decode import Decoder, GraphedStep, SlotKVCache
+        bypass = any(w.bypass for _, w in wrappers(self.model))  # the reference: graphs would replay the policy
+        key = (slots, capacity, bypass)
+        if key not in self._decode_states:
+            self._decode_states.clear()  # one at a time: caches are large on big models
+            decoder = Decoder(self.model)
+            cache = SlotKVCache.for_model(self.model, slots, capacity)
+            step = None
+            if self.use_cuda_graphs and not decoder.sparse_attention and not bypass:
+                with torch.inference_mode():
+                    step = GraphedStep(decoder, cache)
+                self.reset_stats()  # the warm-up steps are not traffic
+            self._decode_states[key] = (decoder, cache, step)
+        return self._decode_states[key]
+
+    def _loop(self, seqs: list):
+        from workbench.decode import Finisher, decode_loop
+        longest = max(len(s.prompt_ids) for s in seqs) + seqs[0].params.max_new_tokens
+        capacity = min(self.max_positions, -(-longest // CACHE_QUANTUM) * CACHE_QUANTUM)
+        slots = min(len(seqs), MAX_SLOTS)
+        decoder, cache, step = self.decode_state(slots, capacity)
+        finisher = Finisher(self._eos_ids(), lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            yield from decode_loop(decoder, cache, seqs, finisher, step, self._dense_prefill)
+        self.last_latency_ms = (time.perf_counter() - t0) * 1e3
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for source in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if source is not None:
+                ids.update(source if isinstance(source, (list, tuple)) else [source])
+        return ids
+
+    def _completion(self, seq) -> str:
+        if seq.finish_reason == "stop":
+            return seq.text
+        return self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+
+    # ---- transformers' generate (architectures the decode loop does not cover) -------------------------
+    def _hf_stream(self, prompt, chat, params) -> Iterator[str]:
         from transformers import TextIteratorStreamer
         batch = self.encode([prompt], chat)
-        kwargs = self._generation_kwargs(batch, max_new_tokens, temperature, top_p, top_k, seed, stop)
+        kwargs = self._generation_kwargs(batch, params)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         errors: list[BaseException] = []
 
@@ -242,26 +357,18 @@ class Engine:
         if errors:
             raise errors[0]
 
-    def _generation_kwargs(self, batch, max_new_tokens, temperature, top_p, top_k, seed, stop) -> dict:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        total = batch["input_ids"].shape[1] + max_new_tokens
-        if total > self.max_positions:
-            raise InputError(f"prompt ({batch['input_ids'].shape[1]} tokens) + max_new_tokens ({max_new_tokens}) "
-                             f"exceeds the model's context of {self.max_positions} tokens")
-        if not 0.0 <= temperature <= 10.0:
-            raise InputError(f"temperature must be in [0, 10], got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise InputError(f"top_p must be in (0, 1], got {top_p}")
-        if seed is not None:
-            torch.manual_seed(seed)
-        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
-        if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
+    def _generation_kwargs(self, batch, params) -> dict:
+        self._check_context(batch["input_ids"].shape[1], params.max_new_tokens)
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        kwargs: dict[str, Any] = dict(max_new_tokens=params.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id)
+        if params.temperature > 0:
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                          top_k=params.top_k or None)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if stop:
-            kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         return kwargs
 
     @contextlib.contextmanager

@@ -72,8 +72,9 @@ class WorkbenchLinear(nn.Module):
         self.store = store  # shared with a tied embedding's wrapper when both use one format
         self.track_stats = True
         self.input_cache: SharedInputCache | None = None  # set by apply_policy: one per model
+        # counters are tensors so that a CUDA-graph replay of the decode step keeps counting
         self.register_buffer("nonzero_seen", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.entries_seen = 0
+        self.register_buffer("entries_seen", torch.zeros((), dtype=torch.int64), persistent=False)
 
     @classmethod
     def from_linear(cls, base: nn.Linear, setting: Setting, fqn: str = "", role: str | None = None,
@@ -101,18 +102,18 @@ class WorkbenchLinear(nn.Module):
                 cache.store(x, key, xs, nonzero)
         if self.track_stats and nonzero is not None:
             self.nonzero_seen += nonzero  # one tensor op; no host sync on GPU
-            self.entries_seen += x.numel()  # a Python int
+            self.entries_seen += x.numel()
         return xs
 
     # ---- facts for stats() ---------------------------------------------------------------------------
     @property
     def achieved_sparsity(self) -> float | None:
-        n = self.entries_seen
+        n = int(self.entries_seen)
         return 1.0 - int(self.nonzero_seen) / n if n else None
 
     def reset_stats(self) -> None:
         self.nonzero_seen.zero_()
-        self.entries_seen = 0
+        self.entries_seen.zero_()
 
     def compute_weight_bytes(self) -> int:
         """Bytes the compute path reads for this layer's weight (packed data and scales)."""

@@ -1,0 +1,113 @@
+"""The engine's own decode loop: equal to transformers' generate, slots joining and leaving, stops, errors."""
+import pytest
+import torch
+
+from workbench import Engine, InputError, Policy
+from workbench.decode import (Decoder, Finisher, SamplingParams, Sequence, SlotKVCache, decode_loop,
+                              unsupported_reason)
+
+LLAMA_FAMILY = ["synthetic:tiny-llama", "synthetic:tiny-qwen2", "synthetic:tiny-mistral"]
+PROMPTS = ["abc", "hello world, a longer prompt", "x"]
+
+
+def hf_greedy(engine: Engine, prompt: str, n: int) -> list[int]:
+    """transformers' generate on one unpadded prompt: the reference tokens (a final end token dropped)."""
+    batch = engine.encode([prompt], chat=False)
+    out = engine.model.generate(**batch, max_new_tokens=n, do_sample=False, temperature=None, top_p=None,
+                                top_k=None, pad_token_id=engine.tokenizer.pad_token_id)
+    tokens = out[0, batch["input_ids"].shape[1]:].tolist()
+    return tokens[:-1] if tokens and tokens[-1] in engine._eos_ids() else tokens
+
+
+def run(engine: Engine, prompts, slots: int, params: SamplingParams, capacity: int = 128) -> list[Sequence]:
+    decoder = Decoder(engine.model)
+    cache = SlotKVCache.for_model(engine.model, slots, capacity)
+    seqs = [Sequence(engine.tokenizer(p, add_special_tokens=False)["input_ids"], params) for p in prompts]
+    with torch.inference_mode():
+        for _ in decode_loop(decoder, cache, seqs, Finisher(engine._eos_ids(), None)):
+            pass
+    return seqs
+
+
+@pytest.mark.parametrize("name", LLAMA_FAMILY)
+def test_greedy_equals_transformers_token_for_token(name):
+    engine = Engine.from_pretrained(name, device="cpu")
+    seqs = run(engine, PROMPTS, slots=len(PROMPTS), params=SamplingParams(max_new_tokens=12))
+    for prompt, seq in zip(PROMPTS, seqs):
+        assert seq.tokens == hf_greedy(engine, prompt, 12)
+
+
+def test_more_sequences_than_slots_join_as_slots_free():
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
+    lengths = [3, 9, 5, 7]
+    prompts = ["one", "two two", "three", "four four four"]
+    decoder = Decoder(engine.model)
+    cache = SlotKVCache.for_model(engine.model, slots=2, capacity=64)
+    seqs = [Sequence(engine.tokenizer(p, add_special_tokens=False)["input_ids"], SamplingParams(max_new_tokens=n))
+            for p, n in zip(prompts, lengths)]
+    in_flight = []
+    with torch.inference_mode():
+        for _ in decode_loop(decoder, cache, seqs, Finisher(engine._eos_ids(), None)):
+            in_flight.append(sum(s.slot is not None for s in seqs))
+    assert max(in_flight) == 2 and cache.free_slots == 2
+    for prompt, seq, n in zip(prompts, seqs, lengths):
+        assert seq.tokens == hf_greedy(engine, prompt, n)  # a reused slot carries nothing over
+
+
+def test_sequence_longer_than_cache_fails_before_any_work():
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
+    calls = []
+    engine.model.model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(InputError, match="exceeds the KV cache capacity of 16 tokens"):
+        run(engine, ["fits", "this prompt is far too long"], slots=2, capacity=16,
+            params=SamplingParams(max_new_tokens=4))
+    assert calls == []
+
+
+def test_finish_reasons_eos_stop_and_length():
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
+    free = run(engine, ["abc"], 1, SamplingParams(max_new_tokens=6, ignore_eos=True))[0].tokens
+    seq = Sequence(engine.tokenizer("abc")["input_ids"], SamplingParams(max_new_tokens=6))
+    cache, decoder = SlotKVCache.for_model(engine.model, 1, 32), Decoder(engine.model)
+    with torch.inference_mode():
+        list(decode_loop(decoder, cache, [seq], Finisher({free[2]}, None)))  # call the third token "eos"
+    assert seq.finish_reason == "eos" and seq.tokens == free[:free.index(free[2])]
+    text = engine.tokenizer.decode(free)
+    stop = text[1:3] if len(text) > 3 else text
+    out = engine.generate(["abc"], max_new_tokens=6, stop=[stop])[0]
+    assert out.endswith(stop) and len(out) <= len(text)
+
+
+def test_sampling_with_a_seed_repeats_and_top_k_one_is_greedy():
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
+    a = run(engine, ["x"], 1, SamplingParams(max_new_tokens=8, temperature=1.0, seed=5, ignore_eos=True))
+    b = run(engine, ["x"], 1, SamplingParams(max_new_tokens=8, temperature=1.0, seed=5, ignore_eos=True))
+    assert a[0].tokens == b[0].tokens
+    greedy = run(engine, ["x"], 1, SamplingParams(max_new_tokens=8, ignore_eos=True))[0].tokens
+    top1 = run(engine, ["x"], 1, SamplingParams(max_new_tokens=8, temperature=0.7, top_k=1, ignore_eos=True))
+    assert top1[0].tokens == greedy
+
+
+@pytest.mark.parametrize("policy", [Policy.uniform(0.5, "topk"), Policy.uniform(0.0, precision="int4-g32"),
+                                    Policy.uniform(0.0, attention="topk:8")],
+                         ids=["sparsity", "int4", "sparse-attention"])
+def test_policies_decode_the_same_in_our_loop_and_in_transformers(policy):
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu", policy=policy)
+    ours = engine.generate(PROMPTS, max_new_tokens=8)
+    engine.use_decode_loop = False
+    assert engine.decode_path == "transformers"
+    assert [engine.generate([p], max_new_tokens=8)[0] for p in PROMPTS] == ours
+
+
+def test_other_architectures_say_why_and_use_transformers():
+    engine = Engine.from_pretrained("synthetic:tiny-gemma3", device="cpu")
+    assert "gemma3" in unsupported_reason(engine.model)
+    assert engine.decode_path == "transformers"
+    assert len(engine.generate(["abc"], max_new_tokens=3)) == 1
+
+
+@pytest.mark.slow
+def test_default_model_greedy_equals_transformers(default_engine):
+    prompt = default_engine._render("Write a haiku about the sea.", None)
+    seq = run(default_engine, [prompt], 1, SamplingParams(max_new_tokens=40), capacity=256)[0]
+    assert len(seq.tokens) > 10 and seq.tokens == hf_greedy(default_engine, prompt, 40)

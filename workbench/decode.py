@@ -1,0 +1,375 @@
+"""The engine's own decode loop: prefill and decode split over a slot-based static KV cache.
+
+    cache = SlotKVCache.for_model(model, slots=4, capacity=512)
+    decoder = Decoder(model)
+    for event in decode_loop(decoder, cache, [Sequence(prompt_ids, SamplingParams(max_new_tokens=32))], eos):
+        ...
+
+Why our own loop rather than transformers' `generate`: a static cache whose tensors never move lets the
+whole decode step be captured once in a CUDA graph (no Python or launch overhead per token), and slots
+let sequences of different lengths join and leave between steps (continuous batching builds on it).
+
+The decoder runs the model's own modules (embeddings, norms, rotary embedding, projections, MLP), so
+every policy wrapper applies unchanged; only the attention over the cache is ours. It covers the
+Llama family (llama, mistral, qwen2, qwen3); other architectures keep transformers' `generate`
+(`unsupported_reason` says why).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.errors import InputError, ModelError
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+
+# ---- the cache ------------------------------------------------------------------------------------------------
+class SlotKVCache:
+    """Per layer, keys and values of shape (slots, kv_heads, capacity, head_dim), allocated once.
+
+    Each slot holds one sequence; `lengths[s]` is how many of its positions are filled. A slot is taken
+    with `acquire` and given back with `release`; nothing is copied when sequences join or leave.
+    """
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, capacity: int, head_dim: int,
+                 device, dtype: torch.dtype, value_dim: int | None = None):
+        if slots < 1 or capacity < 1:
+            raise InputError(f"a KV cache needs at least one slot and one position, got {slots} x {capacity}")
+        shape = (slots, kv_heads, capacity, head_dim)
+        vshape = (slots, kv_heads, capacity, value_dim or head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        self.values = [torch.zeros(vshape, device=device, dtype=dtype) for _ in range(layers)]
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # read by the graphed step
+        self.host_lengths = [0] * slots  # the same numbers, for host-side decisions without a sync
+        self.slots, self.capacity = slots, capacity
+        self._free = list(range(slots))
+
+    @classmethod
+    def for_model(cls, model: nn.Module, slots: int, capacity: int) -> "SlotKVCache":
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        p = next(model.parameters())
+        return cls(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, capacity, head_dim, p.device, p.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> int:
+        if not self._free:
+            raise InputError(f"all {self.slots} cache slots are in use")
+        slot = self._free.pop(0)
+        self._set_length(slot, 0)
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot in self._free or not 0 <= slot < self.slots:
+            raise InputError(f"slot {slot} is not in use")
+        self._set_length(slot, 0)
+        self._free.append(slot)
+        self._free.sort()
+
+    def check_fits(self, prompt_tokens: int, new_tokens: int) -> None:
+        """Raise before any work when a sequence cannot fit in one slot."""
+        if prompt_tokens + new_tokens > self.capacity:
+            raise InputError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({new_tokens}) exceeds the "
+                             f"KV cache capacity of {self.capacity} tokens per sequence")
+
+    def _set_length(self, slot: int, n: int) -> None:
+        self.host_lengths[slot] = n
+        self.lengths[slot] = n
+
+    def advance(self, active: torch.Tensor, active_slots: list[int]) -> None:
+        """Every active slot has taken one more token (after a decode step)."""
+        self.lengths += active
+        for s in active_slots:
+            self.host_lengths[s] += 1
+
+
+# ---- the model ------------------------------------------------------------------------------------------------
+def unsupported_reason(model: nn.Module) -> str | None:
+    """None when `Decoder` can run `model`; otherwise why not (the engine then uses transformers)."""
+    cfg = model.config
+    if cfg.model_type not in LLAMA_FAMILY:
+        return f"architecture {cfg.model_type!r} (the decode loop covers {', '.join(LLAMA_FAMILY)})"
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types) or getattr(cfg, "use_sliding_window", False):
+        return "sliding-window attention"
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "an unexpected module layout"
+    return None
+
+
+class Decoder:
+    """Runs a Llama-family model's layers over a SlotKVCache: `prefill` one slot, `step` all slots."""
+
+    def __init__(self, model: nn.Module):
+        reason = unsupported_reason(model)
+        if reason:
+            raise ModelError(f"the decode loop cannot run this model: {reason}")
+        self.model = model
+        inner = model.model
+        self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
+        self.lm_head = model.get_output_embeddings()
+        cfg = model.config
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+    @property
+    def sparse_attention(self) -> bool:
+        """True when a layer runs a key selector (or a capture): that path is not graph-capturable."""
+        return any(getattr(l.self_attn, "workbench_capture", None) is not None
+                   or not getattr(getattr(l.self_attn, "workbench_attention", None), "is_identity", True)
+                   for l in self.layers)
+
+    def prefill(self, cache: SlotKVCache, slot: int, ids: torch.Tensor) -> torch.Tensor:
+        """Write a prompt (T,) into `slot` (from its start) and return the last position's logits (V,)."""
+        t = ids.shape[0]
+        cache.check_fits(t, 0)
+        positions = torch.arange(t, device=ids.device)[None]
+        hidden = self._run(ids[None], positions, cache, slice(slot, slot + 1), prefill_end=t)
+        cache._set_length(slot, t)
+        return self._logits(hidden[:, -1])[0]
+
+    def step(self, cache: SlotKVCache, ids: torch.Tensor) -> torch.Tensor:
+        """One token for every slot (S,), each at its own position `cache.lengths`; logits (S, V).
+
+        Reads only device tensors and does no host sync, so it can be captured in a CUDA graph. Inactive
+        slots compute too (a static shape) and write at their own current position, which a later
+        prefill overwrites; `cache.advance` moves only the active ones forward.
+        """
+        positions = cache.lengths.clamp(max=cache.capacity - 1)[:, None]  # (S, 1)
+        hidden = self._run(ids[:, None], positions, cache, slice(0, cache.slots), prefill_end=None)
+        return self._logits(hidden[:, -1])
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden)).float()
+
+    def _run(self, ids, positions, cache, slots: slice, prefill_end: int | None) -> torch.Tensor:
+        x = self.embed(ids)
+        cos, sin = self.rotary(x, positions)
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            x = x + self._attention(layer.self_attn, h, cos, sin, positions, cache.keys[i][slots],
+                                    cache.values[i][slots], prefill_end)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x
+
+    def _attention(self, attn, h, cos, sin, positions, k_cache, v_cache, prefill_end):
+        b, t, _ = h.shape
+        q = attn.q_proj(h).view(b, t, self.heads, self.head_dim)
+        k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim)
+        v = attn.v_proj(h).view(b, t, self.kv_heads, -1).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # qwen3 normalises q and k per head before the rotation
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = self.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        if prefill_end is None:  # decode: one new position per slot, scattered in place
+            rows = torch.arange(b, device=h.device)
+            k_cache[rows, :, positions[:, 0]] = k[:, :, 0]
+            v_cache[rows, :, positions[:, 0]] = v[:, :, 0]
+            keys, values = k_cache, v_cache
+            valid = torch.arange(k_cache.shape[2], device=h.device)[None, :] <= positions  # (S, C)
+            mask = valid[:, None, None, :]  # (S, 1, 1, C)
+        else:  # prefill from position 0: only the filled prefix takes part
+            k_cache[:, :, :prefill_end] = k
+            v_cache[:, :, :prefill_end] = v
+            keys, values = k_cache[:, :, :prefill_end], v_cache[:, :, :prefill_end]
+            mask = None
+        spec = getattr(attn, "workbench_attention", None)
+        if getattr(attn, "workbench_capture", None) is not None or (spec is not None and not spec.is_identity):
+            from workbench.sparse_attention import workbench_attention
+            if mask is None:
+                mask = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()[None, None]
+            out, _ = workbench_attention(attn, q, keys, values, mask, scaling=attn.scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1,
+                                                 scale=attn.scaling, enable_gqa=self.kv_heads != self.heads)
+            out = out.transpose(1, 2)
+        return attn.o_proj(out.reshape(b, t, -1))
+
+
+# ---- the CUDA graph of one decode step ------------------------------------------------------------------------
+class GraphedStep:
+    """`decoder.step` captured once for a cache: replaying it costs one launch instead of hundreds.
+
+    The cache's tensors and the input buffer are the graph's fixed addresses; the caller copies token
+    ids in, replays, and reads the logits buffer. Any change to the model's modules (a reconfigure)
+    invalidates the graph: the engine drops it.
+    """
+
+    def __init__(self, decoder: Decoder, cache: SlotKVCache, warmup: int = 2):
+        self.cache = cache
+        self.ids = torch.zeros(cache.slots, dtype=torch.long, device=cache.lengths.device)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up (Triton compiles, cuBLAS picks kernels) off the graph
+            for _ in range(warmup):
+                decoder.step(cache, self.ids)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decoder.step(cache, self.ids)
+
+    def __call__(self, cache: SlotKVCache, ids: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.graph.replay()
+        return self.logits
+
+
+# ---- sequences, sampling, the loop ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+
+    def validate(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not 0.0 <= self.temperature <= 10.0:
+            raise InputError(f"temperature must be in [0, 10], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InputError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's state through the loop."""
+
+    prompt_ids: list[int]
+    params: SamplingParams = SamplingParams()
+    tokens: list[int] = field(default_factory=list)  # generated so far
+    slot: int | None = None
+    finish_reason: str | None = None  # "eos", "stop" or "length"
+    generator: torch.Generator | None = None
+    text: str = ""  # decoded completion, maintained when stop strings are watched
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token id from (V,) logits: argmax at temperature 0, else temperature / top-k / top-p sampling."""
+    if params.temperature == 0.0:
+        return int(logits.argmax())
+    logits = logits.float() / params.temperature
+    if params.top_k:
+        kth = logits.topk(min(params.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        outside = sorted_p.cumsum(0) - sorted_p > params.top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(0, order, sorted_p.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+class Finisher:
+    """Decides when a sequence is done: an end-of-sequence token, a stop string, or its token budget."""
+
+    def __init__(self, eos_ids: set[int], decode: Callable[[list[int]], str] | None):
+        self.eos_ids, self.decode = eos_ids, decode
+
+    def update(self, seq: Sequence, token: int) -> None:
+        if token in self.eos_ids and not seq.params.ignore_eos:
+            seq.finish_reason = "eos"
+            return
+        seq.tokens.append(token)
+        if seq.params.stop and self.decode is not None:
+            seq.text = self.decode(seq.tokens)
+            for s in seq.params.stop:
+                at = seq.text.find(s)
+                if at >= 0:
+                    seq.text = seq.text[:at + len(s)]  # like transformers: the stop string is kept
+                    seq.finish_reason = "stop"
+                    return
+        if len(seq.tokens) >= seq.params.max_new_tokens:
+            seq.finish_reason = "length"
+
+
+def decode_loop(decoder: Decoder, cache: SlotKVCache, seqs: list[Sequence], finisher: Finisher,
+                step: Callable[[SlotKVCache, torch.Tensor], torch.Tensor] | None = None,
+                prefill_context: Callable | None = None) -> Iterator[list[Sequence]]:
+    """Run `seqs` to completion; yields after the prefill and after every decode step with the
+    sequences that took a token (streaming reads them). More sequences than slots wait for a free one.
+
+    Every sequence is checked against the cache before any work starts.
+    """
+    for seq in seqs:
+        seq.params.validate()
+        if not seq.prompt_ids:
+            raise InputError("prompt is empty after tokenization")
+        cache.check_fits(len(seq.prompt_ids), seq.params.max_new_tokens)
+    step = step or decoder.step
+    device = cache.lengths.device
+    waiting, running = list(seqs), []
+    while waiting or running:
+        joined = []
+        while waiting and cache.free_slots:  # join between steps
+            seq = waiting.pop(0)
+            seq.slot = cache.acquire()
+            if seq.params.seed is not None:
+                seq.generator = torch.Generator().manual_seed(seq.params.seed)
+            ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=device)
+            with prefill_context() if prefill_context else _null():
+                logits = decoder.prefill(cache, seq.slot, ids)
+            finisher.update(seq, sample(logits, seq.params, seq.generator))
+            joined.append(seq)
+            running.append(seq)
+        if joined:
+            yield joined
+        running = _retire(cache, running)
+        if not running:
+            continue
+        ids = torch.zeros(cache.slots, dtype=torch.long)
+        active = torch.zeros(cache.slots, dtype=torch.long)
+        for seq in running:
+            ids[seq.slot], active[seq.slot] = seq.tokens[-1], 1
+        logits = step(cache, ids.to(device))
+        cache.advance(active.to(device), [s.slot for s in running])
+        if all(s.params.temperature == 0 for s in running):  # one small transfer instead of S x V logits
+            chosen = logits.argmax(-1).tolist()
+            for seq in running:
+                finisher.update(seq, chosen[seq.slot])
+        else:
+            for seq in running:
+                finisher.update(seq, sample(logits[seq.slot], seq.params, seq.generator))
+        yield list(running)
+        running = _retire(cache, running)
+
+
+def _retire(cache: SlotKVCache, running: list[Sequence]) -> list[Sequence]:
+    for seq in running:
+        if seq.finished and seq.slot is not None:
+            cache.release(seq.slot)
+            seq.slot = None
+    return [s for s in running if not s.finished]
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
