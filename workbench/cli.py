@@ -1,4 +1,4 @@
-"""The `workbench` command: info, generate, eval, lab, provision.
+"""The `workbench` command: info, generate, eval, bench, lab, calibrate, sensitivity, provision.
 
 Every error a user can cause prints one line and exits with code 2; no traceback.
 """
@@ -88,6 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     sens.add_argument("--tokens", type=int, default=256)
     sens.add_argument("--out", default=None, help="write the artifact here too (JSON)")
     sens.add_argument("--json", action="store_true")
+
+    bench = sub.add_parser("bench", help="decode ms/token and memory for a matrix of policies, with baselines")
+    bench.add_argument("--model", default=None,
+                       help="model to time (default: synthetic:llama-3-8b on a GPU, the default model on CPU)")
+    bench.add_argument("--policies", default=None,
+                       help="comma-separated: dense, int8, int4-g64, topk25, topk50+int8, ... (default: the issue's matrix)")
+    bench.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--kernels", choices=("auto", "triton", "reference"), default="auto",
+                       help="Triton kernels on CUDA (auto, triton) or the reference paths everywhere")
+    bench.add_argument("--no-transformers", action="store_true", help="skip transformers' eager generate baseline")
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    bench.add_argument("--out", metavar="FILE.json", help="also write the results here")
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
     prov = sub.add_parser("provision", help="fetch and cache the default model (idempotent)")
     prov.add_argument("--quiet", action="store_true")
@@ -262,8 +277,38 @@ def cmd_provision(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import torch
+
+    from workbench.bench import DEFAULT_POLICIES, format_table, run_bench
+    try:
+        batches = tuple(int(b) for b in args.batch.split(","))
+    except ValueError:
+        raise InputError(f"--batch takes comma-separated integers, got {args.batch!r}") from None
+    policies = tuple(p.strip() for p in args.policies.split(",")) if args.policies else DEFAULT_POLICIES
+    cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but this machine has no CUDA device")
+    if args.kernels == "triton" and not cuda:
+        print("workbench: the Triton kernels need a CUDA device; timing the CPU reference paths instead",
+              file=sys.stderr)
+    if args.kernels == "reference":
+        os.environ["WORKBENCH_KERNELS"] = "0"
+    model = args.model or ("synthetic:llama-3-8b" if cuda else "default")
+    progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    result = run_bench(model, policies, batches, args.prompt_tokens, args.new_tokens,
+                       transformers_baseline=not args.no_transformers, device=args.device, progress=progress)
+    result["kernels"] = args.kernels
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0
+
+
 COMMANDS = {"info": cmd_info, "generate": cmd_generate, "eval": cmd_eval, "lab": cmd_lab,
-            "calibrate": cmd_calibrate, "sensitivity": cmd_sensitivity, "provision": cmd_provision}
+            "calibrate": cmd_calibrate, "sensitivity": cmd_sensitivity, "provision": cmd_provision,
+            "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

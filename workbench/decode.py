@@ -127,6 +127,7 @@ class Decoder:
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        self.fused = fused_reason(model) is None  # the decode step's Triton kernels (kernels/decode_ops.py)
 
     @property
     def sparse_attention(self) -> bool:
@@ -152,8 +153,58 @@ class Decoder:
         prefill overwrites; `cache.advance` moves only the active ones forward.
         """
         positions = cache.lengths.clamp(max=cache.capacity - 1)[:, None]  # (S, 1)
+        if self.fused and cache.capacity % ATTENTION_BLOCK == 0 and not self.sparse_attention and not self._bypassed():
+            return self._fused_step(ids, positions, cache)
         hidden = self._run(ids[:, None], positions, cache, slice(0, cache.slots), prefill_end=None)
         return self._logits(hidden[:, -1])
+
+    def _bypassed(self) -> bool:
+        return getattr(self.layers[0].self_attn.q_proj, "bypass", False)
+
+    def _fused_step(self, ids, positions, cache) -> torch.Tensor:
+        """The decode step with fused kernels: add+RMSNorm (with the next projections' top-k cut),
+        RoPE+cache write, decode attention over the slot cache, SiLU*up (with the down cut)."""
+        from workbench.kernels.decode_ops import rope_and_cache, silu_mul
+        from workbench.kernels.sparse_decode import block_sparse_attention
+        s = ids.shape[0]
+        x = self.embed(ids[:, None])  # (S, 1, D)
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # (S, Dh)
+        pos = positions[:, 0]
+        seq_lens = (pos + 1).to(torch.int32)
+        blocks = self._all_blocks(cache, s, x.device)
+        delta = None
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            x, h = self._norm(x, delta, layer.input_layernorm, attn.q_proj)
+            q, k, v = _project(attn, ("q_proj", "k_proj", "v_proj"), h)
+            q = q.view(s, self.heads, self.head_dim)
+            k, v = k.view(s, self.kv_heads, self.head_dim), v.view(s, self.kv_heads, self.head_dim)
+            q = rope_and_cache(q, k, v, cos, sin, pos, cache.keys[i], cache.values[i])
+            out = block_sparse_attention(q, cache.keys[i], cache.values[i], blocks, seq_lens, ATTENTION_BLOCK,
+                                         scale=attn.scaling)
+            x, h = self._norm(x, attn.o_proj(out.view(s, 1, -1)), layer.post_attention_layernorm, mlp.gate_proj)
+            gate, up = _project(mlp, ("gate_proj", "up_proj"), h)
+            act, sel = silu_mul(gate, up, cut=_kernel_cut(mlp.down_proj))
+            _share_cut(mlp.down_proj, act, sel)
+            delta = mlp.down_proj(act)
+        _, h = self._norm(x, delta, self.norm, None)
+        return self.lm_head(h[:, -1]).float()
+
+    def _norm(self, x, delta, norm, consumer):
+        from workbench.kernels.decode_ops import add_rmsnorm
+        cut = _kernel_cut(consumer) if consumer is not None else None
+        x, h, sel = add_rmsnorm(x, delta, norm.weight, norm.variance_epsilon, cut)
+        _share_cut(consumer, h, sel)
+        return x, h
+
+    def _all_blocks(self, cache, s: int, device) -> torch.Tensor:
+        key = (cache.capacity, s)
+        if getattr(self, "_blocks_key", None) != key:
+            n = cache.capacity // ATTENTION_BLOCK
+            self._blocks = torch.arange(n, device=device, dtype=torch.int32).expand(s, n).contiguous()
+            self._blocks_key = key
+        return self._blocks
 
     # -- internals -------------------------------------------------------------------------------------------
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -202,18 +253,115 @@ class Decoder:
         return attn.o_proj(out.reshape(b, t, -1))
 
 
+ATTENTION_BLOCK = 64  # keys per block of the decode attention kernel; cache capacities are multiples of it
+
+
+def fused_reason(model: nn.Module) -> str | None:
+    """None when the fused decode kernels apply (CUDA, bf16/fp16, Llama layout with SiLU and full RoPE)."""
+    p = next(model.parameters())
+    if p.device.type != "cuda" or p.dtype not in (torch.bfloat16, torch.float16):
+        return "needs a bf16/fp16 model on CUDA"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "needs Triton"
+    cfg = model.config
+    layer = model.model.layers[0]
+    if hasattr(layer.self_attn, "q_norm") or getattr(cfg, "hidden_act", "silu") != "silu":
+        return "q/k norms or a non-SiLU MLP"
+    head_dim = layer.self_attn.head_dim
+    if head_dim & (head_dim - 1) or getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
+        return "head size not a power of two, or partial RoPE"
+    return None
+
+
+def concatenate_projections(model: nn.Module) -> None:
+    """Where the fused decode step runs, store q|k|v and gate|up of every layer as one matrix each.
+
+    Call before any policy is applied: packed-weight caches key on weight storage, which this moves."""
+    if unsupported_reason(model) or fused_reason(model):
+        return
+    for layer in model.model.layers:
+        _concatenate(layer.self_attn, ("q_proj", "k_proj", "v_proj"))
+        _concatenate(layer.mlp, ("gate_proj", "up_proj"))
+
+
+def _concatenate(parent: nn.Module, names: tuple[str, ...]) -> None:
+    """Store plain projections that read the same input (q|k|v, gate|up) as one matrix, each module's
+    weight a view into it: one GEMV instead of several at decode, no extra memory, and every other
+    path (transformers, wrappers, unwrap) sees the same weights. Done once per module group."""
+    mods = [getattr(parent, n) for n in names]
+    if hasattr(parent, "workbench_concat") or not all(type(m) is nn.Linear and m.bias is None for m in mods):
+        return
+    with torch.no_grad():
+        joined = torch.cat([m.weight for m in mods])
+        start = 0
+        for m in mods:
+            rows = m.weight.shape[0]
+            m.weight = nn.Parameter(joined[start:start + rows], requires_grad=False)
+            start += rows
+    parent.workbench_concat = (names, joined)
+
+
+def _project(parent: nn.Module, names: tuple[str, ...], h: torch.Tensor) -> list[torch.Tensor]:
+    """The projections `names` of `h`: one GEMV over the concatenated matrix while every module is still
+    the plain linear whose weight views it (a policy may have wrapped some since), else one call each."""
+    concat = getattr(parent, "workbench_concat", None)
+    mods = [getattr(parent, n) for n in names]
+    if concat is not None and concat[0] == names and all(type(m) is nn.Linear for m in mods):
+        joined = concat[1]
+        start = joined.data_ptr()
+        offsets = []
+        for m in mods:
+            offsets.append((m.weight.data_ptr() - start) // joined.element_size())
+        expected, pos = [], 0
+        for m in mods:
+            expected.append(pos * joined.shape[1])
+            pos += m.weight.shape[0]
+        if offsets == expected:
+            return list(F.linear(h, joined).split([m.weight.shape[0] for m in mods], dim=-1))
+    return [m(h) for m in mods]
+
+
+def _kernel_cut(module):
+    """("topk", keep) or ("threshold", t) when `module` runs a sparse kernel whose input selection a
+    fused norm/activation kernel can make for it; None otherwise."""
+    if not getattr(module, "is_workbench_linear", False) or module.bypass or module.sparsifier is None:
+        return None
+    key = module.sparsifier.key
+    if key is None or key[0] not in ("topk", "threshold") or module.kernel is False:
+        return None
+    try:
+        from workbench.kernels.dispatch import plan
+    except ImportError:
+        return None
+    if module.kernel is None:
+        module.kernel = plan(module) or False
+    return tuple(key) if module.kernel else None
+
+
+def _share_cut(module, x: torch.Tensor, selection) -> None:
+    """Hand a fused kernel's selection to the layers that read `x` (q/k/v, gate/up share one cache)."""
+    if selection is not None and module.input_cache is not None:
+        module.input_cache.store(x, ("gpu-" + module.sparsifier.key[0], module.sparsifier.key[1]), selection, None)
+
+
 # ---- the CUDA graph of one decode step ------------------------------------------------------------------------
 class GraphedStep:
     """`decoder.step` captured once for a cache: replaying it costs one launch instead of hundreds.
 
     The cache's tensors and the input buffer are the graph's fixed addresses; the caller copies token
-    ids in, replays, and reads the logits buffer. Any change to the model's modules (a reconfigure)
-    invalidates the graph: the engine drops it.
+    ids in, replays, and reads the logits buffer. A second graph of the same step also takes the greedy
+    token and feeds it back as the next input, and advances the active slots' lengths, all on the
+    device: the host can queue step t+1 before it reads step t's tokens (see `decode_loop`). Any change
+    to the model's modules (a reconfigure) invalidates the graphs: the engine drops them.
     """
 
     def __init__(self, decoder: Decoder, cache: SlotKVCache, warmup: int = 2):
         self.cache = cache
-        self.ids = torch.zeros(cache.slots, dtype=torch.long, device=cache.lengths.device)
+        device = cache.lengths.device
+        self.ids = torch.zeros(cache.slots, dtype=torch.long, device=device)
+        self.active = torch.zeros(cache.slots, dtype=torch.long, device=device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up (Triton compiles, cuBLAS picks kernels) off the graph
@@ -223,6 +371,11 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = decoder.step(cache, self.ids)
+        self.greedy_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.greedy_graph, pool=self.graph.pool()):
+            chosen = decoder.step(cache, self.ids).argmax(-1)
+            self.ids.copy_(chosen)
+            cache.lengths.add_(self.active)
 
     def __call__(self, cache: SlotKVCache, ids: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids)
@@ -346,6 +499,9 @@ def decode_loop(decoder: Decoder, cache: SlotKVCache, seqs: list[Sequence], fini
         active = torch.zeros(cache.slots, dtype=torch.long)
         for seq in running:
             ids[seq.slot], active[seq.slot] = seq.tokens[-1], 1
+        if isinstance(step, GraphedStep) and not waiting and all(s.params.temperature == 0 for s in running):
+            running = yield from _pipelined(step, cache, running, finisher, ids, active)
+            continue
         logits = step(cache, ids.to(device))
         cache.advance(active.to(device), [s.slot for s in running])
         if all(s.params.temperature == 0 for s in running):  # one small transfer instead of S x V logits
@@ -357,6 +513,43 @@ def decode_loop(decoder: Decoder, cache: SlotKVCache, seqs: list[Sequence], fini
                 finisher.update(seq, sample(logits[seq.slot], seq.params, seq.generator))
         yield list(running)
         running = _retire(cache, running)
+
+
+def _pipelined(step: GraphedStep, cache: SlotKVCache, running: list[Sequence], finisher: Finisher,
+               ids: torch.Tensor, active: torch.Tensor):
+    """Greedy decoding with the host one step behind the GPU: step t+1 is queued (its input is step t's
+    argmax, fed back on the device) before the host reads step t's tokens, so the host's work (stop
+    checks, streaming) overlaps the GPU's instead of idling it. A sequence that finishes at step t has
+    one extra token computed for it at t+1, which is dropped; its slot is freed after that step."""
+    step.ids.copy_(ids.to(step.ids.device))
+    step.active.copy_(active.to(step.active.device))
+    host = [torch.empty(cache.slots, dtype=torch.long, pin_memory=True) for _ in range(2)]
+    done = [torch.cuda.Event(), torch.cuda.Event()]
+
+    def launch(i: int) -> None:
+        step.greedy_graph.replay()
+        host[i % 2].copy_(step.ids, non_blocking=True)
+        done[i % 2].record()
+
+    i = 0
+    launch(0)
+    while running:
+        launch(i + 1)  # queued before the host looks at step i
+        done[i % 2].synchronize()
+        tokens = host[i % 2].tolist()
+        for seq in running:
+            cache.host_lengths[seq.slot] += 1
+            finisher.update(seq, tokens[seq.slot])
+        yield list(running)
+        if any(s.finished for s in running):
+            for seq in running:
+                if seq.finished:
+                    active[seq.slot] = 0
+            step.active.copy_(active.to(step.active.device))  # ordered after the step in flight
+            running = _retire(cache, running)
+        i += 1
+    done[i % 2].synchronize()  # the last, unneeded step
+    return running
 
 
 def _retire(cache: SlotKVCache, running: list[Sequence]) -> list[Sequence]:

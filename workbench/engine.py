@@ -49,6 +49,8 @@ class Engine:
         self._lock = threading.RLock()  # one forward at a time: widgets and servers call from threads
         self._decode_states: dict = {}  # (slots, capacity) -> (decoder, cache, graphed step)
         self.use_decode_loop = True  # False: transformers' generate even where our loop applies
+        from workbench.decode import concatenate_projections
+        concatenate_projections(self.model)  # before any packed weight is keyed on weight storage
         self.reconfigure(policy or Policy.identity(), calibration=calibration)
 
     @classmethod

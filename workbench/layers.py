@@ -71,10 +71,12 @@ class WorkbenchLinear(nn.Module):
             store = WEIGHT_FORMATS.get(w.format).quantize(base.weight.detach(), w)
         self.store = store  # shared with a tied embedding's wrapper when both use one format
         self.track_stats = True
+        self.kernel = None  # on CUDA: the chosen Triton kernel, built on first use (False: none applies)
         self.input_cache: SharedInputCache | None = None  # set by apply_policy: one per model
         # counters are tensors so that a CUDA-graph replay of the decode step keeps counting
-        self.register_buffer("nonzero_seen", torch.zeros((), dtype=torch.int64), persistent=False)
-        self.register_buffer("entries_seen", torch.zeros((), dtype=torch.int64), persistent=False)
+        where = base.weight.device if base.weight.device.type != "meta" else None
+        self.register_buffer("nonzero_seen", torch.zeros((), dtype=torch.int64, device=where), persistent=False)
+        self.register_buffer("entries_seen", torch.zeros((), dtype=torch.int64, device=where), persistent=False)
 
     @classmethod
     def from_linear(cls, base: nn.Linear, setting: Setting, fqn: str = "", role: str | None = None,
@@ -84,12 +86,25 @@ class WorkbenchLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass:
             return self.base(x)
+        if x.is_cuda and self.kernel is not False:
+            y = self._kernel_forward(x)
+            if y is not None:
+                return y if self.base.bias is None else y + self.base.bias
         if self.sparsifier is not None and not (self.dense_multi_token and x.shape[-2] > 1):
             x = self._sparsify(x)
         if self.store is None:
             return F.linear(x, self.base.weight, self.base.bias)
         y = self.store.matmul(x)
         return y if self.base.bias is None else y + self.base.bias
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's Triton kernel on CUDA (kernels/dispatch.py), or None for the reference path."""
+        try:
+            from workbench.kernels.dispatch import kernel_forward
+        except ImportError:  # no Triton: the reference path serves
+            self.kernel = False
+            return None
+        return kernel_forward(self, x)
 
     def _sparsify(self, x: torch.Tensor) -> torch.Tensor:
         cache, key = self.input_cache, self.sparsifier.key
@@ -134,10 +149,12 @@ class WorkbenchLinear(nn.Module):
         from workbench.ops.quant import sqnr_db
         exact = self.dequantized_weight().float() + delta.float()
         if self.store is None:
+            self.kernel = None
             self.base = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
                                   device=exact.device, dtype=self.base.weight.dtype).requires_grad_(False)
             self.base.weight.data.copy_(exact)
             return {"sqnr_db": float("inf"), "max_abs_error": 0.0}
+        self.kernel = None  # its weight layout was built from the old weight
         fmt = WEIGHT_FORMATS.get(self.setting.weights.format)
         self.store = fmt.quantize(exact.to(self.base.weight.dtype), self.setting.weights)
         approx = self.store.dequantize()

@@ -13,11 +13,12 @@ blocks, contiguous block gathers). Needs CUDA.
 """
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from workbench.kernels.tuning import graph_replay_ms
 
 HEADS, KV_HEADS, HEAD_DIM, INDEX_DIM = 32, 8, 128, 32
 BLOCK = 64  # keys per block for block-level selection
@@ -25,24 +26,7 @@ BLOCK = 64  # keys per block for block-level selection
 
 def timed(fn, iters=200):
     """Median milliseconds of a CUDA-graph replay of fn."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return graph_replay_ms(fn, iters)
 
 
 def run(context: int, batch: int, k: int) -> dict:

@@ -2,8 +2,9 @@
 
 A format knows how to validate its parameters, check a layer's shape, quantize, dequantize and compute
 its byte arithmetic. The matmul goes through `MATMUL_BACKENDS` keyed by (format, device type): the
-reference (dequantize, then matmul) serves everywhere; a fast path registers itself where one exists
-(aten's int8pack on CPU here; the GPU kernels register theirs), and must equal the reference.
+reference (dequantize, then matmul) serves everywhere; a fast path registers itself where one exists,
+and must equal the reference. On CUDA the decode-time kernels are chosen per layer instead
+(`kernels/dispatch.py`), because the best kernel depends on the layer's sparsity as well as its format.
 """
 from __future__ import annotations
 

@@ -56,6 +56,8 @@ def topk_sparsify(x: torch.Tensor, keep: int) -> torch.Tensor:
     a = x.abs()
     cut = a.kthvalue(dim - keep, dim=-1, keepdim=True).values  # (..., 1)
     mask = a > cut
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return x * mask  # no host sync inside a CUDA graph: ties at the cut keep fewer (measure-zero on floats)
     if bool((mask.sum(-1) != keep).any()):
         idx = a.topk(keep, dim=-1).indices  # (..., keep)
         return torch.zeros_like(x).scatter_(-1, idx, x.gather(-1, idx))

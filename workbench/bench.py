@@ -1,0 +1,286 @@
+"""`workbench bench`: decode speed and memory for a matrix of policies, in one run, on one model.
+
+For each policy and batch size: prefill random prompts, then time the engine's decode loop (the same
+code `Engine.generate` runs: CUDA-graph step on GPU, token selection and stop checks on the host) and
+report the median milliseconds per decode step, tokens per second and peak memory. In the same run:
+transformers' eager `generate` on the same model (dense), and the measured copy bandwidth, which turns
+the bytes a token must read into a roofline (the fastest a memory-bound decode can be).
+
+Policy names: ``dense``, a weight format (``int8``, ``int4-g64``, ...), ``topkNN`` (NN% activation
+sparsity, exact per token), ``thresholdNN`` (TEAL's calibrated cut), and ``+`` to combine
+(``topk50+int8``).
+"""
+from __future__ import annotations
+
+import gc
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from workbench.errors import InputError
+from workbench.policy import Policy
+
+DEFAULT_POLICIES = ("dense", "int8", "int4-g64", "topk25", "topk40", "topk50", "topk50+int8")
+
+
+def parse_bench_policy(name: str) -> Policy:
+    """'topk50+int8' -> Policy.uniform(0.5, 'topk', 'int8'); errors name the bad part."""
+    sparsity, rule, precision = 0.0, None, "none"
+    for part in name.split("+"):
+        if part == "dense":
+            continue
+        for r in ("topk", "threshold"):
+            if part.startswith(r) and part[len(r):].isdigit():
+                sparsity, rule = int(part[len(r):]) / 100, r
+                break
+        else:
+            precision = part
+    if not 0 <= sparsity < 1:
+        raise InputError(f"bench policy {name!r}: sparsity must be below 100%")
+    # a weight format covers the output head too (as torchao and llama.cpp count it): at batch 1 the
+    # head is a large share of the bytes a token reads; the embedding is a lookup either way
+    return Policy.uniform(sparsity, rule, precision, name=name, head=None if precision == "none" else precision)
+
+
+@dataclass
+class Row:
+    policy: str
+    batch: int
+    ms_per_step: float
+    tokens_per_s: float
+    weight_bytes: int
+    peak_bytes: int | None
+    roofline_ms: float | None = None  # bytes one step must read / measured bandwidth
+    kernels: dict = field(default_factory=dict)  # kernel name -> number of layers it serves
+    achieved_sparsity: float | None = None
+    graph_ms: float | None = None  # the captured step alone, without the host's token handling
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device copy bandwidth in bytes/s (reads + writes), the denominator of the roofline."""
+    if device.type != "cuda":
+        nbytes = 1 << 27
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            dst.copy_(src)
+        _sync(device)
+        best = min(best, (time.perf_counter() - t0) / 5)
+    return 2 * nbytes / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process high-water mark (Linux: KiB)
+
+
+def step_bytes(engine, batch: int, context: int) -> int:
+    """Bytes one decode step must read at least: every linear layer's weight as the policy stores it,
+    less the columns a sparsified layer skips (batch 1 only: a batch reads the union of its tokens'
+    columns), plus the KV cache it attends over. The embedding table is not read (one row per token)."""
+    from workbench.roles import linear_modules
+    total = 0
+    for _, m, _ in linear_modules(engine.model):
+        if getattr(m, "is_workbench_linear", False):
+            nbytes = m.compute_weight_bytes()
+            a = m.achieved_sparsity if m.sparsifier is not None else None
+            total += nbytes - (int(a * nbytes) if a and batch == 1 else 0)
+        else:
+            total += m.weight.numel() * m.weight.element_size()
+    cfg = engine.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * batch
+    return total + kv * next(engine.model.parameters()).element_size()
+
+
+def time_decode(engine, batch: int, prompt_tokens: int, new_tokens: int, seed: int = 0) -> list[float]:
+    """Milliseconds of each decode step (after prefill) through the engine's own loop."""
+    from workbench.decode import Finisher, SamplingParams, Sequence, decode_loop
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.model.config.vocab_size
+    params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    seqs = [Sequence(torch.randint(0, vocab, (prompt_tokens,), generator=g).tolist(), params) for _ in range(batch)]
+    decoder, cache, step = engine.decode_state(batch, _capacity(prompt_tokens, new_tokens))
+    device = engine.device
+    stamps = []
+    with torch.inference_mode():  # the loop yields once after the prefills, then after every step
+        for _ in decode_loop(decoder, cache, seqs, Finisher(set(), None), step, engine._dense_prefill):
+            _sync(device)
+            stamps.append(time.perf_counter())
+    times = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
+    return times[1:] if len(times) > 2 else times  # the first step after the prefills is not steady state
+
+
+def _capacity(prompt_tokens: int, new_tokens: int) -> int:
+    return -(-(prompt_tokens + new_tokens) // 256) * 256
+
+
+def time_graph(engine, batch: int, capacity: int, reps: int = 20) -> float | None:
+    """Milliseconds of one replay of the captured decode step alone (no host work): the GPU's share."""
+    from workbench.decode import GraphedStep
+    _, cache, step = engine.decode_state(batch, capacity)
+    if not isinstance(step, GraphedStep):
+        return None
+    with torch.inference_mode():
+        ids = torch.zeros(batch, dtype=torch.long, device=engine.device)
+        step(cache, ids)
+        _sync(engine.device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step(cache, ids)
+        _sync(engine.device)
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def time_transformers(engine, prompt_tokens: int, new_tokens: int) -> float:
+    """transformers' eager `generate` (dense, batch 1): ms per decode step, prefill subtracted."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, engine.model.config.vocab_size, (1, prompt_tokens), generator=g).to(engine.device)
+    kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None,
+                  pad_token_id=engine.tokenizer.pad_token_id, eos_token_id=None)
+
+    def run(n):
+        _sync(engine.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, **kwargs)
+        _sync(engine.device)
+        return time.perf_counter() - t0
+
+    run(2)  # warm up
+    # eager generate is bound by the host's Python; the median of three damps its jitter
+    return statistics.median((run(new_tokens + 1) - run(1)) / new_tokens * 1e3 for _ in range(3))
+
+
+def kernel_census(engine) -> dict:
+    from workbench.transforms import wrappers
+    if engine.device.type != "cuda":
+        return {}
+    from workbench.kernels.dispatch import describe
+    out: dict[str, int] = {}
+    for _, w in wrappers(engine.model):
+        name = describe(w)
+        out[name] = out.get(name, 0) + 1
+    return out
+
+
+def environment(device: torch.device, bandwidth: float) -> dict:
+    import transformers
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "device": str(device),
+           "copy_bandwidth_gb_s": bandwidth / 1e9}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        try:
+            import triton
+            env["triton"] = triton.__version__
+        except ImportError:
+            env["triton"] = None
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+        env["threads"] = torch.get_num_threads()
+    return env
+
+
+def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_tokens: int = 128,
+              new_tokens: int = 64, transformers_baseline: bool = True, device: str | None = None,
+              progress=None) -> dict:
+    """The whole matrix; returns a JSON-able dict (rows, baseline, roofline, environment)."""
+    from workbench.engine import Engine
+    parsed = [(name, parse_bench_policy(name)) for name in policies]  # bad names fail before the load
+    if any(b < 1 for b in batches):
+        raise InputError("batch sizes must be positive")
+    if prompt_tokens < 1 or new_tokens < 3:
+        raise InputError("bench needs --prompt-tokens >= 1 and --new-tokens >= 3")
+    engine = Engine.from_pretrained(model, device=device)
+    if engine.decode_path != "workbench":
+        from workbench.decode import unsupported_reason
+        raise InputError(f"bench times the engine's decode loop, which does not cover this model: "
+                         f"{unsupported_reason(engine.model)}")
+    dev = engine.device
+    bandwidth = copy_bandwidth(dev)
+    say = progress or (lambda msg: None)
+    say(f"{model} on {dev}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    result = {"model": model, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+              "environment": environment(dev, bandwidth), "rows": [], "transformers_eager_ms": None}
+    if transformers_baseline:
+        engine.use_decode_loop = False
+        result["transformers_eager_ms"] = time_transformers(engine, prompt_tokens, min(new_tokens, 32))
+        engine.use_decode_loop = True
+        say(f"transformers eager generate: {result['transformers_eager_ms']:.2f} ms/token")
+    for name, policy in parsed:
+        engine.reconfigure(policy)
+        for batch in batches:
+            gc.collect()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
+            engine.reset_stats()
+            times = time_decode(engine, batch, prompt_tokens, new_tokens)
+            ms = statistics.median(times)
+            stats = engine.stats()  # before the graph-only timing adds steps of token 0
+            graph_ms = time_graph(engine, batch, _capacity(prompt_tokens, new_tokens))
+            sparsity = (stats["achieved_sparsity"] or {}).get("overall")
+            row = Row(name, batch, ms, batch * 1e3 / ms, stats["weight_bytes"], _peak_bytes(dev),
+                      step_bytes(engine, batch, prompt_tokens + new_tokens // 2) / bandwidth * 1e3,
+                      kernel_census(engine), sparsity, graph_ms)
+            result["rows"].append(asdict(row))
+            say(f"{name:>14} batch {batch}: {ms:7.2f} ms/step  {row.tokens_per_s:8.1f} tok/s  "
+                f"roofline {row.roofline_ms:6.2f} ms" + (f"  graph {graph_ms:6.2f} ms" if graph_ms else ""))
+        engine._decode_states.clear()
+    _summarise(result)
+    return result
+
+
+def _summarise(result: dict) -> None:
+    """Speed-ups against dense at the same batch, and dense against the roofline and transformers."""
+    dense = {r["batch"]: r["ms_per_step"] for r in result["rows"] if r["policy"] == "dense"}
+    for r in result["rows"]:
+        if r["batch"] in dense:
+            r["speedup_vs_dense"] = dense[r["batch"]] / r["ms_per_step"]
+        r["fraction_of_roofline"] = r["roofline_ms"] / r["ms_per_step"] if r["roofline_ms"] else None
+    if result["transformers_eager_ms"] and 1 in dense:
+        result["dense_speedup_vs_transformers"] = result["transformers_eager_ms"] / dense[1]
+
+
+def format_table(result: dict) -> str:
+    env = result["environment"]
+    head = (f"{result['model']} on {env.get('gpu') or env.get('cpu')} (torch {env['torch']}), prompt "
+            f"{result['prompt_tokens']} + {result['new_tokens']} new tokens, copy bandwidth "
+            f"{env['copy_bandwidth_gb_s']:.0f} GB/s")
+    lines = [head, "", f"{'policy':>14} {'batch':>5} {'ms/step':>8} {'tok/s':>9} {'vs dense':>8} "
+             f"{'roofline':>8} {'of bound':>8} {'weights':>9} {'peak':>9} {'sparsity':>8}"]
+    for r in result["rows"]:
+        sparsity = "" if r["achieved_sparsity"] is None else f"{r['achieved_sparsity']:.2f}"
+        lines.append(f"{r['policy']:>14} {r['batch']:>5} {r['ms_per_step']:8.2f} {r['tokens_per_s']:9.1f} "
+                     f"{r.get('speedup_vs_dense', float('nan')):7.2f}x {r['roofline_ms']:8.2f} "
+                     f"{100 * (r['fraction_of_roofline'] or 0):7.0f}% {_size(r['weight_bytes']):>9} "
+                     f"{_size(r['peak_bytes'] or 0):>9} "
+                     f"{sparsity:>8}")
+    if result["transformers_eager_ms"]:
+        lines.append(f"\ntransformers eager generate (dense, batch 1): {result['transformers_eager_ms']:.2f} ms/token"
+                     + (f"; the engine's dense decode is {result['dense_speedup_vs_transformers']:.1f}x faster"
+                        if result.get("dense_speedup_vs_transformers") else ""))
+    return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n}B"
