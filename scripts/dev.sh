@@ -24,6 +24,22 @@ setup() {
         echo "$want" >"$stamp"
     fi
     "$VENV/bin/workbench" provision --quiet >/dev/null
+    browser
+}
+
+# The browser tests drive JupyterLab in the system Chromium (Debian's package; never `playwright install`).
+browser() {
+    command -v chromium >/dev/null 2>&1 && return
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo="sudo -n"
+    if command -v apt-get >/dev/null 2>&1; then
+        echo "installing chromium for the browser tests (apt-get)" >&2
+        $sudo apt-get install -y -qq chromium >/dev/null 2>&1 \
+            || { $sudo apt-get update -qq >/dev/null 2>&1 && $sudo apt-get install -y -qq chromium >/dev/null 2>&1; } \
+            || echo "could not install chromium: the browser tests will be skipped" >&2
+    else
+        echo "no apt-get: install Chromium yourself to run the browser tests (they are skipped without it)" >&2
+    fi
 }
 
 cmd="${1:-}"

@@ -72,6 +72,7 @@ class WorkbenchLinear(nn.Module):
         self.store = store  # shared with a tied embedding's wrapper when both use one format
         self.track_stats = True
         self.kernel = None  # on CUDA: the chosen Triton kernel, built on first use (False: none applies)
+        self.token_probe: list | None = None  # set by probes.token_sparsity while it records
         self.input_cache: SharedInputCache | None = None  # set by apply_policy: one per model
         # counters are tensors so that a CUDA-graph replay of the decode step keeps counting
         where = base.weight.device if base.weight.device.type != "meta" else None
@@ -118,6 +119,8 @@ class WorkbenchLinear(nn.Module):
         if self.track_stats and nonzero is not None:
             self.nonzero_seen += nonzero  # one tensor op; no host sync on GPU
             self.entries_seen += x.numel()
+        if self.token_probe is not None:  # per-token zero fraction, for the layer x token map
+            self.token_probe.append((xs == 0).float().mean(-1).detach())
         return xs
 
     # ---- facts for stats() ---------------------------------------------------------------------------

@@ -38,3 +38,36 @@ def sweep_sparsity(engine, rules: Sequence[str], targets: Iterable[float], max_t
     finally:
         engine.reconfigure(saved)
     return rows
+
+
+def sweep_combined(engine, sparsities: Sequence[float], precisions: Sequence[str], attentions: Sequence[str],
+                   max_tokens: int = 1024, rule: str = "topk", progress: bool = True) -> list[dict]:
+    """Every combination of activation sparsity x weight format x attention selector, measured: one row
+    each with the policy, its weight bytes, and quality against the unmodified model.
+
+    >>> from workbench import Engine
+    >>> rows = sweep_combined(Engine.from_pretrained("synthetic:tiny-llama"), [0, 0.5], ["none"], ["dense"], 64,
+    ...                       progress=False)
+    >>> [r["sparsity"] for r in rows]
+    [0, 0.5]
+    """
+    from itertools import product
+
+    from tqdm.auto import tqdm
+    saved = engine.policy
+    rows = []
+    try:
+        for s, p, a in tqdm(list(product(sparsities, precisions, attentions)), desc="combined sweep",
+                            disable=not progress):
+            policy = Policy.uniform(s, rule if s else None, p, a)
+            engine.reconfigure(policy)
+            result = evaluate(engine, max_tokens=max_tokens, progress=False)
+            stats = engine.stats()
+            rows.append({"policy": policy.name, "sparsity": s, "precision": p, "attention": a,
+                         "weight_mib": stats["weight_bytes"] / 2**20,
+                         "bits_per_weight": 8 * stats["weight_bytes"] / stats["parameters"],
+                         "kld_mean": result["kld_mean"], "top1": result["top1"],
+                         "perplexity": result["perplexity"]})
+    finally:
+        engine.reconfigure(saved)
+    return rows

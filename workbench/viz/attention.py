@@ -28,7 +28,9 @@ def attention_heatmap(probs, tokens: Sequence[str], selected=None, title: str = 
     import plotly.graph_objects as go
     p = np.asarray(probs, dtype=np.float32)
     z, step = _downsample(p, max_cells)
-    labels = [t.replace("\n", "\\n") for t in tokens][::step] if step == 1 else [f"{i * step}" for i in range(z.shape[0])]
+    # index-prefixed labels: plotly merges equal category names, and prompts repeat words
+    labels = ([f"{i}:{t.strip() or repr(t)}" for i, t in enumerate(tokens)] if step == 1
+              else [f"{i * step}" for i in range(z.shape[0])])
     fig = go.Figure(go.Heatmap(z=z, x=labels, y=labels, colorscale="Blues", zmin=0,
                                colorbar=dict(title="probability"),
                                hovertemplate="query %{y}<br>key %{x}<br>p=%{z:.3f}<extra></extra>"))

@@ -1,0 +1,203 @@
+"""The panels in a real browser: JupyterLab in headless Chromium (Debian's), driven by Playwright.
+
+Each test opens a curated notebook in a fresh Lab, runs all cells, moves a control the way a person
+would (keyboard on the slider handle, a dropdown choice) and checks that the numbers and the heat map
+drawn in the page changed. Screenshots go to test-artifacts/ (not committed).
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ARTIFACTS = ROOT / "test-artifacts"
+VISIBLE = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook on screen, not one in a background tab
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+if CHROMIUM is None:
+    pytest.skip("no Chromium on this machine (scripts/dev.sh setup installs Debian's)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab of its own: temporary home, config, runtime and settings; a copy of the notebooks."""
+    base = tmp_path_factory.mktemp("lab")
+    root = base / "notebooks"
+    shutil.copytree(ROOT / "notebooks", root)
+    settings = base / "settings"
+    news = settings / "@jupyterlab" / "apputils-extension"
+    news.mkdir(parents=True)
+    (news / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    port, token = _free_port(), uuid.uuid4().hex
+    env = dict(os.environ, HOME=str(base), JUPYTER_CONFIG_DIR=str(base / "config"),
+               JUPYTER_RUNTIME_DIR=str(base / "runtime"), JUPYTERLAB_SETTINGS_DIR=str(settings),
+               JUPYTERLAB_WORKSPACES_DIR=str(base / "workspaces"), WORKBENCH_SMOKE="1",
+               WORKBENCH_CACHE=os.environ.get("WORKBENCH_CACHE", str(Path.home() / ".cache" / "workbench")))
+    cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ServerApp.port_retries=0",
+           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}"]
+    if os.geteuid() == 0:
+        cmd.append("--allow-root")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("JupyterLab did not start")
+        yield url, token
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def _open_and_run(browser, lab, notebook: str):
+    url, token = lab
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    # a workspace of its own, reset: Lab would otherwise reopen the tabs of the previous tests
+    page.goto(f"{url}/lab/workspaces/{Path(notebook).stem}/tree/{notebook}?reset&token={token}")
+    # "Run All" before the kernel is ready is silently ignored: wait for the status bar to say Idle
+    page.wait_for_selector("text=Python 3 (ipykernel) | Idle", timeout=120_000)
+    for _ in range(3):  # a click that lands while Lab is still laying out the notebook can be lost
+        page.click("li.lm-MenuBar-item:has-text('Run')")
+        page.click("li.lm-Menu-item:has-text('Run All Cells')")
+        try:  # the first cell's prompt turns into [*] or a number once the kernel takes the work
+            page.wait_for_selector(f"{VISIBLE} .jp-InputPrompt:has-text('[*]'), {VISIBLE} .jp-InputPrompt:has-text('[1]')",
+                                   timeout=20_000)
+            break
+        except sync_api.TimeoutError:
+            continue
+    return page
+
+
+def _value(page, css: str) -> str:
+    return page.inner_text(css).strip()
+
+
+def _wait_changed(page, css: str, before: str, timeout: float = 90_000) -> str:
+    page.wait_for_function("([sel, old]) => { const e = document.querySelector(sel); "
+                           "return e && e.innerText.trim() !== old; }", arg=[css, before], timeout=timeout)
+    return _value(page, css)
+
+
+def _plot_mean(page, box_css: str, trace: int = 0) -> float:
+    """Mean of a drawn heat map's finite z values, read from the plotly graph div in the page."""
+    return page.evaluate("""([sel, i]) => { const gd = document.querySelector(sel + ' .js-plotly-plot');
+        const z = gd.data[i].z.flat().filter(v => v !== null && Number.isFinite(v));
+        return z.reduce((a, b) => a + b, 0) / Math.max(1, z.length); }""", [box_css, trace])
+
+
+def _shutdown_kernels(lab):
+    url, token = lab
+    kernels = json.load(urllib.request.urlopen(f"{url}/api/kernels?token={token}"))
+    for k in kernels:
+        req = urllib.request.Request(f"{url}/api/kernels/{k['id']}?token={token}", method="DELETE")
+        urllib.request.urlopen(req)
+
+
+def notebook_of(page) -> str:
+    return page.url.split("/")[-1].split(".ipynb")[0]
+
+
+def _shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=False)
+
+
+def test_sparsity_tuner_in_the_browser(browser, lab):
+    page = _open_and_run(browser, lab, "01_quickstart.ipynb")
+    try:
+        panel = ".wb-sparsitytuner"
+        kld = f"{panel} .wb-metric-kld .wb-value"
+        page.wait_for_selector(kld, timeout=240_000)
+        page.wait_for_selector(f"{panel} .wb-sparsity-map .js-plotly-plot", timeout=60_000)
+        page.locator(f"{panel} .wb-sparsity-map").scroll_into_view_if_needed()
+        before, map_before = _value(page, kld), _plot_mean(page, f"{panel} .wb-sparsity-map")
+        handle = page.locator(f"{panel} .wb-sparsity-slider .noUi-handle")
+        handle.scroll_into_view_if_needed()
+        handle.focus()
+        page.keyboard.press("PageUp")  # one page of the slider: a larger sparsity, as a drag would do
+        after = _wait_changed(page, kld, before)
+        page.wait_for_function("sel => !document.querySelector(sel).innerText.includes('working')",
+                               arg=f"{panel} .wb-status", timeout=60_000)
+        map_after = _plot_mean(page, f"{panel} .wb-sparsity-map")
+        _shot(page, "sparsity_tuner")
+        assert float(after) > float(before)  # quality cost of sparsity appears
+        assert map_after > map_before + 0.05  # the layer x token map recoloured
+        assert "topk" in _value(page, f"{panel} .wb-metric-policy .wb-value")
+    finally:
+        _shot(page, f"last_{notebook_of(page)}")
+        page.close()
+        _shutdown_kernels(lab)
+
+
+def test_precision_tuner_in_the_browser(browser, lab):
+    page = _open_and_run(browser, lab, "04_mixed_precision.ipynb")
+    try:
+        panel = ".wb-precisiontuner"
+        mib = f"{panel} .wb-metric-weight_mib .wb-value"
+        page.wait_for_selector(mib, timeout=300_000)
+        page.locator(panel).scroll_into_view_if_needed()
+        before = _value(page, mib)
+        page.select_option(f"{panel} .wb-format select", "int8")
+        after = _wait_changed(page, mib, before)
+        _shot(page, "precision_tuner")
+        assert float(after) < 0.5 * float(before)
+        assert _value(page, f"{panel} .wb-metric-policy .wb-value") == "int8"
+    finally:
+        _shot(page, f"last_{notebook_of(page)}")
+        page.close()
+        _shutdown_kernels(lab)
+
+
+def test_attention_explorer_in_the_browser(browser, lab):
+    page = _open_and_run(browser, lab, "03_sparse_attention.ipynb")
+    try:
+        panel = ".wb-attentionexplorer"
+        recall = f"{panel} .wb-metric-recall .wb-value"
+        page.wait_for_selector(recall, timeout=300_000)
+        page.wait_for_selector(f"{panel} .wb-attention-map .js-plotly-plot", timeout=60_000)
+        page.locator(f"{panel} .wb-attention-map").scroll_into_view_if_needed()
+        before = _value(page, recall)
+        handle = page.locator(f"{panel} .wb-attention-budget .noUi-handle")
+        handle.scroll_into_view_if_needed()
+        handle.focus()
+        page.keyboard.press("Home")  # the smallest budget: fewer keys kept, lower recall
+        after = _wait_changed(page, recall, before)
+        _shot(page, "attention_explorer")
+        assert float(after) < float(before)
+        assert _plot_mean(page, f"{panel} .wb-attention-map", trace=1) > 0  # dropped keys drawn in red
+    finally:
+        _shot(page, f"last_{notebook_of(page)}")
+        page.close()
+        _shutdown_kernels(lab)

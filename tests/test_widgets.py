@@ -1,0 +1,73 @@
+"""Panel logic in the kernel: moving a control changes the engine's policy and the figures' data."""
+import numpy as np
+import pytest
+
+from workbench import Engine
+from workbench.widgets import AttentionExplorer, PrecisionTuner, SparsityTuner
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_pretrained("synthetic:smollm2-135m", device="cpu")
+
+
+def test_sparsity_tuner_follows_the_slider(engine):
+    tuner = SparsityTuner(engine, prompt="a short prompt about sparse inference", max_new_tokens=4)
+    assert engine.policy.is_identity and tuner.timings
+    before = np.array(tuner.figure.data[0].z, dtype=float)
+    assert before.max() == 0.0  # dense: nothing zeroed
+    tuner.sparsity.value = 0.5
+    tuner.wait()
+    assert engine.policy.name == "topk-0.50"
+    after = np.array(tuner.figure.data[0].z, dtype=float)
+    assert after.shape == before.shape and abs(after.mean() - 0.5) < 0.02
+    assert "wb-metric-kld" in tuner.metrics.value and "0.0000" not in tuner.metrics.value.split("kld")[1][:60]
+    assert "wb-generated" in tuner.text.value and "wb-idle" in tuner.status.value
+    tuner.layer_sliders[2].value = 0.9
+    tuner.wait()
+    z = np.array(tuner.figure.data[0].z, dtype=float)
+    assert abs(z[2].mean() - 0.9) < 0.02 and abs(z[3].mean() - 0.5) < 0.02
+    assert len(tuner.timings) == 3
+
+
+def test_a_failing_update_is_shown_in_the_panel(engine):
+    tuner = SparsityTuner(engine, prompt="another prompt", max_new_tokens=2, per_layer=False)
+    tuner.rule.value = "threshold"  # needs a calibration: computed once and cached, or an error line
+    tuner.sparsity.value = 0.3
+    tuner.wait()
+    assert "wb-idle" in tuner.status.value or "wb-error" in tuner.status.value
+    broken = tuner.prober
+    tuner.prober = None  # any failure inside an update
+    tuner.sparsity.value = 0.4
+    assert "wb-error" in tuner.status.value  # a red line, not a dead widget
+    tuner.prober = broken
+    tuner.sparsity.value = 0.2
+    tuner.wait()
+    assert "wb-idle" in tuner.status.value  # and the panel keeps working
+
+
+def test_precision_tuner_moves_the_memory_bar(engine):
+    tuner = PrecisionTuner(engine, prompt="weights in fewer bits", max_new_tokens=2)
+    full = tuner.figure.data[0].x[0]
+    tuner.format.value = "int8"
+    tuner.wait()
+    assert engine.policy.name == "int8"
+    assert tuner.figure.data[0].x[0] < 0.5 * full
+    tuner.layer_formats[0].value = "int4-g32"
+    tuner.wait()
+    assert len(engine.policy.rules) == 1 and tuner.figure.data[0].x[0] < 0.5 * full
+
+
+def test_attention_explorer_shows_selection_and_recall(engine):
+    explorer = AttentionExplorer(engine, prompt="one two three four five six seven eight nine ten " * 3)
+    dense_recall = explorer.metrics.value
+    assert "1.000" in dense_recall or "recall" in dense_recall
+    explorer.selector.value = "topk"
+    explorer.budget.value = 0.1
+    assert engine.policy.default.attention.selector == "topk"
+    dropped = np.array(explorer.figure.data[1].z, dtype=float)
+    assert np.isfinite(dropped).any()  # some keys with attention mass are dropped and drawn in red
+    explorer.selector.value = "window"
+    assert "wb-idle" in explorer.status.value
+    explorer.layer.value = 1
+    assert "layer 1" in explorer.figure.layout.title.text
