@@ -54,3 +54,15 @@ def test_quantization_views():
     assert np.asarray(fig.data[0].z).shape == (2, 2)
     err = np.random.default_rng(0).normal(size=(128, 256))
     assert np.asarray(block_error_heatmap(err, 64).data[0].z).shape == (2, 4)
+
+
+def test_attention_grid_of_a_whole_small_model_stays_drawable():
+    """30 layers x 9 heads x 512 tokens (the default model's shape): thumbnails pooled to 48 x 48 cells,
+    and the figure says so."""
+    rng = np.random.default_rng(0)
+    probs = rng.random((9, 512, 512), dtype=np.float32).astype(np.float16)
+    dense = {l: probs for l in range(30)}
+    fig = attention_grid(dense, list(range(30)), list(range(9)))
+    assert len(fig.data) == 270
+    assert all(np.asarray(tr.z).shape == (47, 47) for tr in fig.data)  # 512 tokens in 11-token cells
+    assert "max-pooled 11x11 from 512 tokens" in fig.layout.title.text

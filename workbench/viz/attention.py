@@ -62,8 +62,12 @@ def attention_grid(dense: dict, layers: Sequence[int], heads: Sequence[int], sel
         for hi, h in enumerate(heads):
             r = f" r={recall_of(dense[l][hi], selected[l][hi]):.2f}" if selected is not None else ""
             titles.append(f"L{l} H{h}{r}")
+    t = np.asarray(dense[layers[0]][0]).shape[-1]
+    step = max(1, -(-t // max_cells))
+    if step > 1:  # say on the figure that what it shows is pooled
+        title = f"{title} (each map max-pooled {step}x{step} from {t} tokens)"
     fig = make_subplots(rows=len(layers), cols=len(heads), subplot_titles=titles,
-                        horizontal_spacing=0.01, vertical_spacing=0.03)
+                        horizontal_spacing=0.01, vertical_spacing=min(0.03, 0.5 / max(1, len(layers))))
     for li, l in enumerate(layers):
         for hi, _ in enumerate(heads):
             z, _ = _downsample(np.asarray(dense[l][hi], dtype=np.float32), max_cells)
