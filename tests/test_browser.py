@@ -4,6 +4,7 @@ Each test opens a curated notebook in a fresh Lab, runs all cells, moves a contr
 would (keyboard on the slider handle, a dropdown choice) and checks that the numbers and the heat map
 drawn in the page changed. Screenshots go to test-artifacts/ (not committed).
 """
+import contextlib
 import json
 import os
 import shutil
@@ -81,6 +82,26 @@ def browser():
         b.close()
 
 
+@contextlib.contextmanager
+def _notebook(browser, lab, notebook: str):
+    """The notebook open in a fresh page with all cells run; afterwards a screenshot, and its kernel gone."""
+    page = _open_and_run(browser, lab, notebook)
+    try:
+        yield page
+    finally:
+        _shot(page, f"last_{Path(notebook).stem}")
+        page.close()
+        _shutdown_kernels(lab)
+
+
+def _press(page, handle_css: str, key: str) -> None:
+    """A key on a slider's handle (ipywidgets 8 sliders are noUiSlider), as a person moving it would."""
+    handle = page.locator(handle_css)
+    handle.scroll_into_view_if_needed()
+    handle.focus()
+    page.keyboard.press(key)
+
+
 def _open_and_run(browser, lab, notebook: str):
     url, token = lab
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -125,28 +146,20 @@ def _shutdown_kernels(lab):
         urllib.request.urlopen(req)
 
 
-def notebook_of(page) -> str:
-    return page.url.split("/")[-1].split(".ipynb")[0]
-
-
 def _shot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=False)
 
 
 def test_sparsity_tuner_in_the_browser(browser, lab):
-    page = _open_and_run(browser, lab, "01_quickstart.ipynb")
-    try:
+    with _notebook(browser, lab, "01_quickstart.ipynb") as page:
         panel = ".wb-sparsitytuner"
         kld = f"{panel} .wb-metric-kld .wb-value"
         page.wait_for_selector(kld, timeout=240_000)
         page.wait_for_selector(f"{panel} .wb-sparsity-map .js-plotly-plot", timeout=60_000)
         page.locator(f"{panel} .wb-sparsity-map").scroll_into_view_if_needed()
         before, map_before = _value(page, kld), _plot_mean(page, f"{panel} .wb-sparsity-map")
-        handle = page.locator(f"{panel} .wb-sparsity-slider .noUi-handle")
-        handle.scroll_into_view_if_needed()
-        handle.focus()
-        page.keyboard.press("PageUp")  # one page of the slider: a larger sparsity, as a drag would do
+        _press(page, f"{panel} .wb-sparsity-slider .noUi-handle", "PageUp")  # a larger sparsity
         after = _wait_changed(page, kld, before)
         page.wait_for_function("sel => !document.querySelector(sel).innerText.includes('working')",
                                arg=f"{panel} .wb-status", timeout=60_000)
@@ -155,15 +168,10 @@ def test_sparsity_tuner_in_the_browser(browser, lab):
         assert float(after) > float(before)  # quality cost of sparsity appears
         assert map_after > map_before + 0.05  # the layer x token map recoloured
         assert "topk" in _value(page, f"{panel} .wb-metric-policy .wb-value")
-    finally:
-        _shot(page, f"last_{notebook_of(page)}")
-        page.close()
-        _shutdown_kernels(lab)
 
 
 def test_precision_tuner_in_the_browser(browser, lab):
-    page = _open_and_run(browser, lab, "04_mixed_precision.ipynb")
-    try:
+    with _notebook(browser, lab, "04_mixed_precision.ipynb") as page:
         panel = ".wb-precisiontuner"
         mib = f"{panel} .wb-metric-weight_mib .wb-value"
         page.wait_for_selector(mib, timeout=300_000)
@@ -174,30 +182,18 @@ def test_precision_tuner_in_the_browser(browser, lab):
         _shot(page, "precision_tuner")
         assert float(after) < 0.5 * float(before)
         assert _value(page, f"{panel} .wb-metric-policy .wb-value") == "int8"
-    finally:
-        _shot(page, f"last_{notebook_of(page)}")
-        page.close()
-        _shutdown_kernels(lab)
 
 
 def test_attention_explorer_in_the_browser(browser, lab):
-    page = _open_and_run(browser, lab, "03_sparse_attention.ipynb")
-    try:
+    with _notebook(browser, lab, "03_sparse_attention.ipynb") as page:
         panel = ".wb-attentionexplorer"
         recall = f"{panel} .wb-metric-recall .wb-value"
         page.wait_for_selector(recall, timeout=300_000)
         page.wait_for_selector(f"{panel} .wb-attention-map .js-plotly-plot", timeout=60_000)
         page.locator(f"{panel} .wb-attention-map").scroll_into_view_if_needed()
         before = _value(page, recall)
-        handle = page.locator(f"{panel} .wb-attention-budget .noUi-handle")
-        handle.scroll_into_view_if_needed()
-        handle.focus()
-        page.keyboard.press("Home")  # the smallest budget: fewer keys kept, lower recall
+        _press(page, f"{panel} .wb-attention-budget .noUi-handle", "Home")  # the smallest budget
         after = _wait_changed(page, recall, before)
         _shot(page, "attention_explorer")
-        assert float(after) < float(before)
+        assert float(after) < float(before)  # fewer keys kept, less attention mass kept
         assert _plot_mean(page, f"{panel} .wb-attention-map", trace=1) > 0  # dropped keys drawn in red
-    finally:
-        _shot(page, f"last_{notebook_of(page)}")
-        page.close()
-        _shutdown_kernels(lab)
