@@ -14,6 +14,8 @@ import time
 
 import ipywidgets as W
 
+GENERATION_DELAY_S = 0.3  # the text waits this long after an update, so a burst of changes starts none
+
 
 class Panel:
     css = "wb-panel"  # stable class names: the browser tests select on them
@@ -59,12 +61,15 @@ class Panel:
     def start_generation(self, engine, prompt: str, max_new_tokens: int, target: W.HTML) -> None:
         """Stream the continuation of `prompt` (text as the model sees it: template applied, truncated)
         into `target` off the callback path: the figures and numbers are already updated; the next update
-        of any panel on this engine cancels it between two tokens."""
+        of any panel on this engine cancels it between two tokens, or before it starts (it waits
+        GENERATION_DELAY_S first: while a slider is being moved key by key, no prefill is started)."""
         self.wait(cancel=True, engine=engine)
         target.value = "<i style='color:#888'>generating…</i>"
         cancel = threading.Event()
 
         def run():
+            if cancel.wait(GENERATION_DELAY_S):  # a quick follow-up change: this text was never wanted
+                return
             out = ""
             try:
                 for piece in engine.stream(prompt, max_new_tokens=max_new_tokens, chat=False):
