@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from workbench import Engine, InputError, Policy
-from workbench.lora import attach_lora, lora_layers, merge, unload
+from workbench.lora import attach_lora, load_adapter, lora_layers, merge, save_adapter, train, unload
 
 POLICIES = [Policy.identity(), Policy.uniform(precision="int8"), Policy.uniform(0.3, "topk", "int4-g32"),
             Policy.uniform(precision="bf16")]
@@ -72,3 +72,72 @@ def test_a_second_attach_is_refused():
     attach_lora(engine, r=2)
     with pytest.raises(InputError, match="already has LoRA adapters"):
         attach_lora(engine, r=2)
+
+
+def test_training_lowers_the_loss_on_a_small_skill():
+    """Teach a tiny model to continue a fixed pattern: the LM loss falls."""
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu", policy=Policy.uniform(0.3, "topk", "int8"))
+    attach_lora(engine, r=8, alpha=16, targets="all-linear")
+    data = ["abcabcabcabcabcabcabcabc", "xyzxyzxyzxyzxyzxyzxyz"] * 4
+    seen = []
+    result = train(engine, data, steps=30, lr=3e-3, batch=4, callback=lambda step, loss: seen.append(step),
+                   progress=False)
+    assert result.steps == 30 and seen == list(range(1, 31)) and result.tokens > 0
+    assert sum(result.losses[-5:]) / 5 < 0.85 * sum(result.losses[:5]) / 5  # a random tiny model: it falls, slowly
+
+
+def test_kl_loss_pulls_the_compressed_model_toward_the_reference():
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu", policy=Policy.uniform(0.5, "topk", "int4-g32"))
+    attach_lora(engine, r=8, alpha=16, targets="all-linear")
+    texts = ["the quick brown fox jumps over the lazy dog " * 3, "pack my box with five dozen liquor jugs " * 3]
+    result = train(engine, texts * 4, steps=25, lr=3e-3, batch=4, loss="kl", progress=False)
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_chat_data_trains_on_assistant_tokens_only(default_engine):
+    from workbench.lora import load_examples
+    chat = [[{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there!"}]]
+    (ex,) = load_examples(default_engine, chat)
+    learned = default_engine.tokenizer.decode([t for t in ex.labels if t != -100])
+    assert "Hi there!" in learned and "Say hi" not in learned
+
+
+def test_stop_keeps_the_last_good_adapter_and_save_load_round_trips(tmp_path):
+    import threading
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu", policy=Policy.uniform(precision="int8"))
+    attach_lora(engine, r=4, targets=("q", "v"))
+    stop = threading.Event()
+    result = train(engine, ["abcdefgh" * 4] * 4, steps=50, lr=1e-3, batch=2, progress=False,
+                   callback=lambda step, loss: stop.set() if step == 3 else None, stop=stop)
+    assert result.stopped and result.steps == 3
+    ids = torch.randint(0, 250, (1, 12))
+    adapted = engine.forward(ids)
+    save_adapter(engine, tmp_path / "a")
+    fresh = Engine.from_pretrained("synthetic:tiny-llama", device="cpu", policy=Policy.uniform(precision="int8"))
+    load_adapter(fresh, tmp_path / "a")
+    assert torch.allclose(fresh.forward(ids), adapted, atol=1e-6)
+    other_policy = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
+    with pytest.raises(InputError, match="trained under policy"):
+        load_adapter(other_policy, tmp_path / "a")
+    other_model = Engine.from_pretrained("synthetic:tiny-qwen2", device="cpu", policy=Policy.uniform(precision="int8"))
+    with pytest.raises(InputError, match="another base model"):
+        load_adapter(other_model, tmp_path / "a")
+
+
+@pytest.mark.parametrize("data, message", [
+    ([], "empty"), ([""], "empty text"), ([42], "neither a text"), ("missing.jsonl", "not found"),
+])
+def test_bad_datasets_name_the_problem(data, message):
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
+    attach_lora(engine, r=2)
+    with pytest.raises(InputError, match=message):
+        train(engine, data, steps=1, progress=False)
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
+    attach_lora(engine, r=2)
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    with pytest.raises(InputError, match="d.jsonl:2"):
+        train(engine, str(path), steps=1, progress=False)

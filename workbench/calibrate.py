@@ -41,10 +41,12 @@ def model_fingerprint(model: nn.Module) -> str:
     """A short hash of the architecture and a strided sample of every original parameter.
 
     Fast and order-stable, and the same whatever policy is applied: wrappers' kept originals are read
-    under their original names, packed copies are ignored.
+    under their original names, packed copies and LoRA adapters (`lora_*`) are ignored.
     """
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for name, p in sorted((n.replace(".base.", "."), p) for n, p in model.named_parameters()):
+    named = ((n.replace(".base_layer.", ".").replace(".base.", "."), p) for n, p in model.named_parameters()
+             if "lora_" not in n)
+    for name, p in sorted(named, key=lambda item: item[0]):
         h.update(name.encode())
         if p.device.type == "meta":  # released original (keep_reference=False): only its shape is known
             h.update(str(tuple(p.shape)).encode())

@@ -135,3 +135,250 @@ def _remove_adapters(model: nn.Module) -> None:
         setattr(model.get_submodule(parent) if parent else model, child, layer.get_base_layer())
     if hasattr(model, "workbench_lora"):
         del model.workbench_lora
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+@dataclass
+class Example:
+    ids: list[int]
+    labels: list[int]  # -100 where no loss is taken (prompt and template tokens of chat data)
+
+
+def load_examples(engine, data, max_len: int = 256) -> list[Example]:
+    """Texts, chat conversations ([{"role", "content"}, ...]) or a JSONL file whose lines hold "text" or
+    "messages". Plain text trains on every token; a conversation on its assistant turns only."""
+    import json
+    from pathlib import Path
+    if isinstance(data, (str, Path)) and str(data).endswith(".jsonl"):
+        path = Path(data)
+        if not path.is_file():
+            raise InputError(f"dataset not found: {path}")
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or not ({"text", "messages"} & set(obj)):
+                raise InputError(f"{path}:{n}: each line needs a \"text\" or a \"messages\" field")
+            rows.append(obj.get("messages", obj.get("text")))
+        data = rows
+    if isinstance(data, str) or not isinstance(data, (list, tuple)) or not data:
+        raise InputError("the dataset is empty: give a list of texts, a list of conversations, or a JSONL file")
+    examples = []
+    for i, item in enumerate(data):
+        if isinstance(item, str):
+            if not item.strip():
+                raise InputError(f"example {i} is an empty text")
+            ids = engine.tokenizer(item, add_special_tokens=False)["input_ids"][:max_len]
+            examples.append(Example(ids, list(ids)))
+        elif isinstance(item, (list, tuple)) and item and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                              for m in item):
+            examples.append(_chat_example(engine.tokenizer, list(item), max_len, i))
+        else:
+            raise InputError(f"example {i} is neither a text nor a list of {{'role', 'content'}} messages")
+    if all(len(e.ids) < 2 for e in examples):
+        raise InputError("every example is shorter than two tokens: nothing to learn from")
+    return examples
+
+
+def _chat_example(tokenizer, messages: list[dict], max_len: int, index: int) -> Example:
+    """Tokens of the rendered conversation; labels only on each assistant message (its span is the
+    difference between the conversation rendered up to it, with and without it)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"example {index} is a conversation, but this model has no chat template")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise InputError(f"example {index} has no assistant message to learn")
+    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    ids = tokenizer(render(messages, False), add_special_tokens=False)["input_ids"]
+    labels = [-100] * len(ids)
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(tokenizer(render(messages[:k], True), add_special_tokens=False)["input_ids"])
+        end = len(tokenizer(render(messages[:k + 1], False), add_special_tokens=False)["input_ids"])
+        labels[start:end] = ids[start:end]
+    return Example(ids[:max_len], labels[:max_len])
+
+
+def _batches(examples: list[Example], batch: int, pad_id: int, generator: torch.Generator):
+    """Shuffled padded batches: right padding, attention mask 0 and label -100 on the pads."""
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    for i in range(0, len(order), batch):
+        chunk = [examples[j] for j in order[i:i + batch]]
+        width = max(len(e.ids) for e in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, e in enumerate(chunk):
+            n = len(e.ids)
+            ids[r, :n], labels[r, :n], mask[r, :n] = torch.tensor(e.ids), torch.tensor(e.labels), 1
+        yield ids, labels, mask
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    losses: list[float]
+    steps: int
+    tokens: int
+    seconds: float
+    stopped: bool  # True when `stop` was set: the adapter holds the last completed step
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+def train(engine, data, steps: int | None = None, epochs: int | None = None, lr: float = 2e-4, batch: int = 4,
+          grad_accum: int = 1, max_len: int = 256, loss: str = "lm", callback=None, stop=None, seed: int = 0,
+          progress: bool = True) -> TrainResult:
+    """Train the attached adapters. `loss="lm"`: next-token cross-entropy on the labelled tokens;
+    `loss="kl"`: KL divergence from the unmodified model (the adapters learn to undo what the policy
+    changed). `callback(step, loss)` after every optimizer step; `stop` (a threading.Event) ends the run
+    between steps, keeping the last good adapter."""
+    import time
+
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+    handle = getattr(engine.model, "workbench_lora", None)
+    if handle is None:
+        raise InputError("attach adapters first: workbench.lora.attach_lora(engine, ...)")
+    if loss not in ("lm", "kl"):
+        raise InputError(f"loss must be 'lm' or 'kl', got {loss!r}")
+    if (steps is None) == (epochs is None) or (steps is not None and steps < 1) or (epochs is not None and epochs < 1):
+        raise InputError("give exactly one of steps >= 1 or epochs >= 1")
+    if batch < 1 or grad_accum < 1 or not lr > 0:
+        raise InputError("batch and grad_accum must be positive and lr > 0")
+    examples = load_examples(engine, data, max_len)
+    params = [p for n, p in engine.model.named_parameters() if "lora_" in n and p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    per_epoch = -(-len(examples) // batch)
+    total = steps if steps is not None else -(-epochs * per_epoch // grad_accum)
+    pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
+    losses, tokens, done, stopped = [], 0, 0, False
+    device = engine.device
+    bar = tqdm(total=total, desc="LoRA", unit="step", disable=not progress)
+    t0 = time.perf_counter()
+
+    def batches():
+        while True:
+            yield from _batches(examples, batch, pad, g)
+
+    stream = batches()
+    with engine._lock:
+        engine._decode_states.clear()
+        engine.model.train()
+        try:
+            while done < total:
+                if stop is not None and stop.is_set():
+                    stopped = True
+                    break
+                saved = [p.detach().clone() for p in params]  # the last good adapter, if this step fails
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for _ in range(grad_accum):
+                    ids, labels, mask = (t.to(device) for t in next(stream))
+                    out = engine.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+                    keep = labels[:, 1:] != -100
+                    if loss == "lm":
+                        value = F.cross_entropy(out[:, :-1][keep], labels[:, 1:][keep])
+                    else:
+                        with torch.no_grad(), _adapters_off(engine.model), engine.reference():
+                            ref = engine.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+                        ref_lp = F.log_softmax(ref[:, :-1][keep], -1)
+                        value = (ref_lp.exp() * (ref_lp - F.log_softmax(out[:, :-1][keep], -1))).sum(-1).mean()
+                    (value / grad_accum).backward()
+                    step_loss += value.item() / grad_accum
+                    tokens += int(mask.sum())
+                if not torch.isfinite(torch.tensor(step_loss)):
+                    with torch.no_grad():
+                        for p, s in zip(params, saved):
+                            p.copy_(s)
+                    raise InputError(f"training diverged at step {done + 1} (loss {step_loss}); the adapter keeps "
+                                     "the last good step: lower the learning rate")
+                optimizer.step()
+                done += 1
+                losses.append(step_loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+                if callback is not None:
+                    callback(done, step_loss)
+        finally:
+            engine.model.eval()
+            for p in params:
+                p.grad = None
+            bar.close()
+    return TrainResult(losses, done, tokens, time.perf_counter() - t0, stopped)
+
+
+class _adapters_off:
+    """The adapters switched off (the reference is the model without them and without the policy)."""
+
+    def __init__(self, model):
+        self.layers = [m for _, m in lora_layers(model)]
+
+    def __enter__(self):
+        for m in self.layers:
+            m._disable_adapters = True
+        return self
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m._disable_adapters = False
+        return False
+
+
+# ---- saving and loading ----------------------------------------------------------------------------------------
+def save_adapter(engine, folder) -> None:
+    """adapter.safetensors + adapter.json (settings, the base model's fingerprint and the policy)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from workbench.calibrate import model_fingerprint
+    handle = getattr(engine.model, "workbench_lora", None)
+    if handle is None:
+        raise InputError("this engine has no adapters to save")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().cpu().contiguous() for n, p in engine.model.named_parameters() if "lora_" in n}
+    save_file(tensors, str(folder / "adapter.safetensors"))
+    meta = {"r": handle.r, "alpha": handle.alpha, "dropout": handle.dropout, "targets": handle.targets,
+            "base_model": engine.name, "fingerprint": model_fingerprint(engine.model),
+            "policy": engine.policy.to_dict()}
+    (folder / "adapter.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def load_adapter(engine, folder) -> LoraHandle:
+    """Attach and fill adapters saved by `save_adapter`; refuses another base model or another policy."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from workbench.calibrate import model_fingerprint
+    folder = Path(folder)
+    if not (folder / "adapter.json").is_file() or not (folder / "adapter.safetensors").is_file():
+        raise InputError(f"{folder} holds no adapter (adapter.json and adapter.safetensors)")
+    meta = json.loads((folder / "adapter.json").read_text())
+    if meta["fingerprint"] != model_fingerprint(engine.model):
+        raise InputError(f"adapter in {folder} was trained on another base model ({meta['base_model']})")
+    if meta["policy"] != engine.policy.to_dict():
+        raise InputError(f"adapter in {folder} was trained under policy {meta['policy'].get('name')!r}, "
+                         f"the engine runs {engine.policy.name!r}: reconfigure first")
+    handle = attach_lora(engine, r=meta["r"], alpha=meta["alpha"], targets=meta["targets"], dropout=meta["dropout"])
+    state = load_file(str(folder / "adapter.safetensors"))
+    params = dict(engine.model.named_parameters())
+    missing = set(state) ^ {n for n in params if "lora_" in n}
+    if missing:
+        unload(engine)
+        raise InputError(f"adapter in {folder} does not fit this model: {len(missing)} tensors differ")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+    return handle
