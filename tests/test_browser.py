@@ -197,3 +197,23 @@ def test_attention_explorer_in_the_browser(browser, lab):
         _shot(page, "attention_explorer")
         assert float(after) < float(before)  # fewer keys kept, less attention mass kept
         assert _plot_mean(page, f"{panel} .wb-attention-map", trace=1) > 0  # dropped keys drawn in red
+
+
+def test_lora_trainer_in_the_browser(browser, lab):
+    with _notebook(browser, lab, "06_lora_finetune.ipynb") as page:
+        panel = ".wb-loratrainer"
+        page.wait_for_selector(f"{panel} .wb-lora-loss .js-plotly-plot", timeout=300_000)
+        page.locator(panel).scroll_into_view_if_needed()
+        points = "sel => (document.querySelector(sel + ' .js-plotly-plot').data[0].y || []).length"
+        assert page.evaluate(points, f"{panel} .wb-lora-loss") == 0
+        # clicked while later cells still run, the click waits its turn in the kernel: then training starts
+        page.click(f"{panel} .wb-lora-start button, {panel} button.wb-lora-start")
+        page.wait_for_function(f"sel => ({points})(sel) >= 2", arg=f"{panel} .wb-lora-loss", timeout=300_000)
+        _shot(page, "lora_trainer_running")
+        page.wait_for_function("sel => document.querySelector(sel).innerText.includes('trained')",
+                               arg=f"{panel} .wb-status", timeout=300_000)
+        _shot(page, "lora_trainer")
+        steps = page.evaluate(points, f"{panel} .wb-lora-loss")
+        assert steps >= 2 and "step" in _value(page, f"{panel} .wb-lora-progress")
+        assert "→" in _value(page, f"{panel} .wb-metric-exact_match .wb-value")  # before → after answers scored
+        assert "after" in _value(page, f"{panel} .wb-lora-answers")

@@ -194,3 +194,28 @@ def test_fused_decode_ops_match_torch():
     for i, p in enumerate(pos.tolist()):
         _close(kc[i, :, p], kr[i, 0].float(), 1e-2)
         assert torch.equal(vc[i, :, p], v[i])
+
+
+@pytest.mark.parametrize("precision", ["none", "int4-g64"])
+def test_lora_on_cuda_trains_merges_and_gets_its_kernels_back(precision):
+    """On a bf16 CUDA model: a training step runs through the wrappers; merging rounds W + BA to the
+    layer's format (bf16 or int4), reported per layer, and lands far closer to the adapter model than the
+    model before training; after the merge the decode step uses the Triton kernels again."""
+    from workbench import Engine, Policy
+    from workbench.lora import attach_lora, lora_layers, merge, train
+    engine = Engine.from_pretrained("synthetic:smollm2-135m", device="cuda",
+                                    policy=Policy.uniform(0.5, "topk", precision))
+    ids = torch.randint(0, 1000, (1, 32), device="cuda")
+    base = engine.forward(ids)
+    attach_lora(engine, r=8, alpha=16, targets="all-linear")
+    result = train(engine, ["some text to learn from " * 8] * 4, steps=2, lr=1e-3, batch=2, loss="kl", progress=False)
+    assert result.steps == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    adapted = engine.forward(ids)
+    report = merge(engine)
+    assert not lora_layers(engine.model) and len(report) == 7 * 30
+    assert min(r["sqnr_db"] for r in report.values()) > (15 if precision == "int4-g64" else 35)
+    merged = engine.forward(ids)
+    assert (merged - adapted).norm() < 0.5 * (base - adapted).norm()
+    assert engine.generate(["hello"], max_new_tokens=4) is not None
+    kernels = [m.kernel for m in engine.model.modules() if getattr(m, "is_workbench_linear", False)]
+    assert kernels and all(kernels)  # every merged layer got its Triton kernel back

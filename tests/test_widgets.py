@@ -71,3 +71,33 @@ def test_attention_explorer_shows_selection_and_recall(engine):
     assert "wb-idle" in explorer.status.value
     explorer.layer.value = 1
     assert "layer 1" in explorer.figure.layout.title.text
+
+
+def test_lora_trainer_runs_stops_and_compares_answers():
+    from workbench.lora import lora_layers
+    from workbench.widgets import LoRATrainer
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
+    data = ["abcabcabcabcabcabc", "xyzxyzxyzxyzxyz"] * 4
+    trainer = LoRATrainer(engine, data, prompts=["abcab", "xyzxy"], expected=["c", "z"], steps=6, lr=3e-3, batch=4,
+                          max_new_tokens=2)
+    trainer.targets.value = "all linear"
+    trainer.start.click()
+    trainer.wait()
+    assert "wb-idle" in trainer.status.value, trainer.status.value
+    assert list(trainer.figure.data[0].x) == [1, 2, 3, 4, 5, 6] and len(trainer.figure.data[0].y) == 6
+    assert trainer.progress.value == 6 and trainer.result.steps == 6 and lora_layers(engine.model)
+    assert "wb-metric-exact_match" in trainer.metrics.value and len(trainer.after) == 2
+    assert trainer.answers.value.count("<tr>") == 3  # header + one row per prompt, before and after
+    assert trainer.start.disabled is False and trainer.stop.disabled is True
+    # a second run starts fresh adapters; Stop ends it after the current step
+    trainer.steps.value = 200
+    trainer.run()
+    trainer.stop.click()  # ends the run after the current step
+    trainer.wait()
+    assert trainer.result.stopped and trainer.result.steps < 200
+    trainer.rank.value = 4
+    trainer.alpha.value = -1  # bad settings: a red line in the panel, the panel still usable
+    trainer.run()
+    trainer.wait()
+    assert "wb-error" in trainer.status.value and "alpha" in trainer.status.value
+    assert trainer.start.disabled is False

@@ -1,4 +1,4 @@
-"""The `workbench` command: info, generate, eval, bench, lab, calibrate, sensitivity, provision.
+"""The `workbench` command: info, generate, eval, bench, finetune, lab, calibrate, sensitivity, provision.
 
 Every error a user can cause prints one line and exits with code 2; no traceback.
 """
@@ -103,6 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     bench.add_argument("--out", metavar="FILE.json", help="also write the results here")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+    ft = sub.add_parser("finetune", help="train LoRA adapters (under any policy) on a JSONL dataset and save them")
+    _policy_options(ft)
+    ft.add_argument("--data", required=True, metavar="FILE.jsonl",
+                    help='one JSON object per line: {"text": ...} or {"messages": [{"role", "content"}, ...]}')
+    ft.add_argument("--out", required=True, metavar="DIR", help="folder for adapter.safetensors and adapter.json")
+    ft.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    ft.add_argument("--lr", type=float, default=2e-4)
+    ft.add_argument("--batch", type=int, default=4)
+    ft.add_argument("--grad-accum", type=int, default=1)
+    ft.add_argument("--max-len", type=int, default=256, help="tokens per example (longer ones are cut)")
+    ft.add_argument("--rank", type=int, default=16)
+    ft.add_argument("--alpha", type=float, default=32)
+    ft.add_argument("--dropout", type=float, default=0.1)
+    ft.add_argument("--targets", default="q,v", help="comma-separated roles (q,k,v,o,gate,up,down) or all-linear")
+    ft.add_argument("--loss", choices=("lm", "kl"), default="lm",
+                    help="lm: next-token loss; kl: toward the unmodified model (recovers what the policy cost)")
+    ft.add_argument("--json", action="store_true", help="print one JSON object")
 
     prov = sub.add_parser("provision", help="fetch and cache the default model (idempotent)")
     prov.add_argument("--quiet", action="store_true")
@@ -306,9 +324,50 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    import signal
+    import threading
+
+    from workbench.lora import attach_lora, read_jsonl, save_adapter, train
+    if args.steps < 1 or args.batch < 1 or args.grad_accum < 1 or args.max_len < 2:
+        raise InputError("--steps, --batch and --grad-accum must be positive and --max-len at least 2")
+    if not args.lr > 0:
+        raise InputError(f"--lr must be positive, got {args.lr}")
+    out = Path(args.out)
+    if (out / "adapter.json").exists():
+        raise InputError(f"{out} already holds an adapter; choose another --out or remove it")
+    rows = read_jsonl(args.data)  # bad data fails before the model loads
+    targets = "all-linear" if args.targets == "all-linear" else tuple(t.strip() for t in args.targets.split(","))
+    engine = _engine(args)
+    handle = attach_lora(engine, r=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout)
+    stop = threading.Event()  # Ctrl-C ends the run after the current step and saves what it has
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        result = train(engine, rows, steps=args.steps, lr=args.lr, batch=args.batch, grad_accum=args.grad_accum,
+                       max_len=args.max_len, loss=args.loss, stop=stop, progress=not args.json)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if result.steps:
+        save_adapter(engine, out)
+    summary = {"out": str(out) if result.steps else None, "steps": result.steps, "stopped": result.stopped,
+               "first_loss": result.losses[0] if result.losses else None,
+               "last_loss": result.losses[-1] if result.losses else None, "examples": len(rows),
+               "trainable_params": handle.trainable, "tokens": result.tokens,
+               "tokens_per_s": round(result.tokens_per_s, 1), "seconds": round(result.seconds, 1),
+               "model": engine.name, "policy": engine.policy.name, "loss": args.loss}
+    if args.json:
+        print(json.dumps(summary))
+    elif result.steps:
+        print(f"{result.steps} steps ({'stopped' if result.stopped else 'done'}): loss {summary['first_loss']:.4f} -> "
+              f"{summary['last_loss']:.4f}, {summary['tokens_per_s']} tokens/s; adapter saved to {out}")
+    else:
+        print("stopped before the first step: nothing saved")
+    return 0
+
+
 COMMANDS = {"info": cmd_info, "generate": cmd_generate, "eval": cmd_eval, "lab": cmd_lab,
             "calibrate": cmd_calibrate, "sensitivity": cmd_sensitivity, "provision": cmd_provision,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "finetune": cmd_finetune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -91,12 +91,17 @@ class WorkbenchLinear(nn.Module):
             y = self._kernel_forward(x)
             if y is not None:
                 return y if self.base.bias is None else y + self.base.bias
+        return self.forward_and_input(x)[0]
+
+    def forward_and_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference path's output and the input the weight multiplied (after the sparsity rule): a
+        LoRA branch reads that input, so that folding the adapter into the weight changes nothing."""
         if self.sparsifier is not None and not (self.dense_multi_token and x.shape[-2] > 1):
             x = self._sparsify(x)
         if self.store is None:
-            return F.linear(x, self.base.weight, self.base.bias)
+            return F.linear(x, self.base.weight, self.base.bias), x
         y = self.store.matmul(x)
-        return y if self.base.bias is None else y + self.base.bias
+        return (y if self.base.bias is None else y + self.base.bias), x
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layer's Triton kernel on CUDA (kernels/dispatch.py), or None for the reference path."""
@@ -147,18 +152,17 @@ class WorkbenchLinear(nn.Module):
         """Fold an (N, K) update into the layer: dequantize, add, requantize (never touch packed bytes).
 
         Returns the requantization error against the exact sum, so a caller can report what merging
-        into a low-bit format cost. Layers without a format add the delta to a copy of the base weight.
+        into a low-bit format cost. Layers without a format keep the sum in a cast store of the base
+        weight's dtype. `base` is never changed: the reference (bypass) stays the unmodified model.
         """
         from workbench.ops.quant import sqnr_db
         exact = self.dequantized_weight().float() + delta.float()
-        if self.store is None:
-            self.kernel = None
-            self.base = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
-                                  device=exact.device, dtype=self.base.weight.dtype).requires_grad_(False)
-            self.base.weight.data.copy_(exact)
-            return {"sqnr_db": float("inf"), "max_abs_error": 0.0}
         self.kernel = None  # its weight layout was built from the old weight
-        fmt = WEIGHT_FORMATS.get(self.setting.weights.format)
+        if self.store is None:  # a cast store holds the merged weight; `base` stays the reference
+            dtype = self.base.weight.dtype
+            fmt = WEIGHT_FORMATS.get({torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype])
+        else:
+            fmt = WEIGHT_FORMATS.get(self.setting.weights.format)
         self.store = fmt.quantize(exact.to(self.base.weight.dtype), self.setting.weights)
         approx = self.store.dequantize()
         return {"sqnr_db": sqnr_db(exact, approx), "max_abs_error": (exact - approx).abs().max().item()}

@@ -8,8 +8,10 @@
 A layer a policy has wrapped (sparse input, packed weights) gets our own LoRA layer, registered with
 peft: peft's plain LoRA layer would add the update to `weight.data`, which for packed weights is not the
 weight. Ours merges by dequantize, add, requantize (`WorkbenchLinear.merge_delta`) and reports what the
-requantization cost. The adapter branch reads the layer's dense input; the base branch keeps the
-policy's sparsity and format, so training sees the compressed model it is meant to repair.
+requantization cost. Both branches read the input after the layer's sparsity rule, so training sees the
+compressed model it is meant to repair, and the merged layer computes what the adapter layer did (up to
+the requantization). While adapters are attached, layers take the reference path (no Triton kernels);
+merge to get the kernels back.
 """
 from __future__ import annotations
 
@@ -27,7 +29,19 @@ def _lora_linear():
     from peft.tuners.lora.layer import Linear
 
     class WorkbenchLoraLinear(Linear):
-        """peft's LoRA layer over a WorkbenchLinear: forward as peft's, merge through the layer's format."""
+        """peft's LoRA layer over a WorkbenchLinear: the adapter reads the input after the layer's sparsity
+        rule (what the weight multiplies), and merges through the layer's format."""
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            base = self.get_base_layer()
+            if self.disable_adapters or self.merged or base.bypass:
+                return super().forward(x, *args, **kwargs)
+            y, xs = base.forward_and_input(x)  # the reference path: training needs its gradients
+            for name in self.active_adapters:
+                if name in self.lora_A:
+                    a, b = self.lora_A[name], self.lora_B[name]
+                    y = y + b(a(self.lora_dropout[name](xs.to(a.weight.dtype)))).to(y.dtype) * self.scaling[name]
+            return y
 
         def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
             from peft.tuners.tuners_utils import check_adapters_to_merge
@@ -107,14 +121,15 @@ def lora_layers(model: nn.Module):
 
 def merge(engine) -> dict:
     """Fold every adapter into its layer's weights (each format: dequantize, add, requantize) and remove
-    the adapter layers. Returns the requantization error per packed layer (SQNR dB, max abs error)."""
+    the adapter layers. Returns the requantization error per layer whose merge was not exact (SQNR dB,
+    max abs error); a float32 layer takes the update exactly and is left out."""
     report = {}
     with engine._lock:
         engine._decode_states.clear()
         for name, layer in lora_layers(engine.model):
             layer.merge()
             for adapter, r in getattr(layer, "merge_reports", {}).items():
-                if r and r.get("sqnr_db") not in (None, float("inf")):
+                if r and r.get("max_abs_error", 0.0) > 0.0:
                     report[name] = r
         _remove_adapters(engine.model)
         if engine.store_cache is not None:  # packed weights were rebuilt from new values
@@ -147,24 +162,9 @@ class Example:
 def load_examples(engine, data, max_len: int = 256) -> list[Example]:
     """Texts, chat conversations ([{"role", "content"}, ...]) or a JSONL file whose lines hold "text" or
     "messages". Plain text trains on every token; a conversation on its assistant turns only."""
-    import json
     from pathlib import Path
     if isinstance(data, (str, Path)) and str(data).endswith(".jsonl"):
-        path = Path(data)
-        if not path.is_file():
-            raise InputError(f"dataset not found: {path}")
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not ({"text", "messages"} & set(obj)):
-                raise InputError(f"{path}:{n}: each line needs a \"text\" or a \"messages\" field")
-            rows.append(obj.get("messages", obj.get("text")))
-        data = rows
+        data = read_jsonl(data)
     if isinstance(data, str) or not isinstance(data, (list, tuple)) or not data:
         raise InputError("the dataset is empty: give a list of texts, a list of conversations, or a JSONL file")
     examples = []
@@ -182,6 +182,33 @@ def load_examples(engine, data, max_len: int = 256) -> list[Example]:
     if all(len(e.ids) < 2 for e in examples):
         raise InputError("every example is shorter than two tokens: nothing to learn from")
     return examples
+
+
+def read_jsonl(path) -> list:
+    """The examples of a JSONL file: each line an object with "text" (a string) or "messages" (a chat)."""
+    import json
+    from pathlib import Path
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"dataset not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not ({"text", "messages"} & set(obj)):
+            raise InputError(f"{path}:{n}: each line needs a \"text\" or a \"messages\" field")
+        rows.append(obj.get("messages", obj.get("text")))
+    if not rows:
+        raise InputError(f"the dataset {path} is empty")
+    return rows
 
 
 def _chat_example(tokenizer, messages: list[dict], max_len: int, index: int) -> Example:
@@ -233,12 +260,13 @@ class TrainResult:
 
 
 def train(engine, data, steps: int | None = None, epochs: int | None = None, lr: float = 2e-4, batch: int = 4,
-          grad_accum: int = 1, max_len: int = 256, loss: str = "lm", callback=None, stop=None, seed: int = 0,
-          progress: bool = True) -> TrainResult:
+          grad_accum: int = 1, max_len: int = 256, loss: str = "lm", warmup: float = 0.05, callback=None,
+          stop=None, seed: int = 0, progress: bool = True) -> TrainResult:
     """Train the attached adapters. `loss="lm"`: next-token cross-entropy on the labelled tokens;
     `loss="kl"`: KL divergence from the unmodified model (the adapters learn to undo what the policy
-    changed). `callback(step, loss)` after every optimizer step; `stop` (a threading.Event) ends the run
-    between steps, keeping the last good adapter."""
+    changed). The learning rate warms up linearly over the first `warmup` share of the steps, then decays
+    linearly to zero (as transformers' Trainer does by default). `callback(step, loss)` after every
+    optimizer step; `stop` (a threading.Event) ends the run between steps, keeping the last good adapter."""
     import time
 
     import torch.nn.functional as F
@@ -250,14 +278,17 @@ def train(engine, data, steps: int | None = None, epochs: int | None = None, lr:
         raise InputError(f"loss must be 'lm' or 'kl', got {loss!r}")
     if (steps is None) == (epochs is None) or (steps is not None and steps < 1) or (epochs is not None and epochs < 1):
         raise InputError("give exactly one of steps >= 1 or epochs >= 1")
-    if batch < 1 or grad_accum < 1 or not lr > 0:
-        raise InputError("batch and grad_accum must be positive and lr > 0")
+    if batch < 1 or grad_accum < 1 or not lr > 0 or not 0 <= warmup < 1:
+        raise InputError("batch and grad_accum must be positive, lr > 0 and warmup in [0, 1)")
     examples = load_examples(engine, data, max_len)
     params = [p for n, p in engine.model.named_parameters() if "lora_" in n and p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(seed)
     per_epoch = -(-len(examples) // batch)
     total = steps if steps is not None else -(-epochs * per_epoch // grad_accum)
+    ramp = max(1, round(warmup * total))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: (k + 1) / ramp if k < ramp else max(0.0, (total - k) / max(1, total - ramp)))
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
     losses, tokens, done, stopped = [], 0, 0, False
     device = engine.device
@@ -301,6 +332,7 @@ def train(engine, data, steps: int | None = None, epochs: int | None = None, lr:
                     raise InputError(f"training diverged at step {done + 1} (loss {step_loss}); the adapter keeps "
                                      "the last good step: lower the learning rate")
                 optimizer.step()
+                schedule.step()
                 done += 1
                 losses.append(step_loss)
                 bar.update(1)

@@ -102,8 +102,8 @@ def plan(layer) -> LinearKernel | None:
     except LookupError:
         return None
     store = layer.store
-    if store is None:
-        w = layer.base.weight
+    if store is None or store.fmt.name in ("bf16", "fp16"):  # a cast store: a merged LoRA's weight
+        w = layer.base.weight if store is None else store.tensors["q"]
         if cut is None or w.dtype not in (torch.bfloat16, torch.float16):
             return None
         return LinearKernel(layer, "sparse", cut, w.detach().t().contiguous())
