@@ -1,0 +1,361 @@
+"""Continuous batching on the engine's decode loop: requests join free cache slots between decode steps.
+
+    scheduler = Scheduler(engine, max_num_seqs=8, max_queue=64)
+    request = scheduler.submit("Why is the sky blue?", SamplingParams(max_new_tokens=32))
+    for piece in request.pieces():        # streamed text, as it is decoded
+        ...
+    request.result()                      # the whole completion, finish reason, timings, policy levels
+
+One thread owns the engine and loops: apply a pending policy change, drop cancelled requests (their slots
+come free at once), admit waiting requests into free slots (prefill, up to `prefill_budget` prompt
+tokens per iteration, so one long prompt does not stall everyone's next token for long), then one
+decode step for every running request. A request waits in a bounded queue: beyond `max_queue` it is
+refused with `QueueFull` (the server's 429), never silently dropped. A policy change (the elastic
+controller's) is an `engine.reconfigure` between two steps: the KV cache is kept, so running requests go
+on under the new policy, and each records every policy it was served under.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from workbench.decode import Finisher, SamplingParams, Sequence, SlotKVCache, sample
+from workbench.errors import InputError, WorkbenchError
+
+
+class QueueFull(WorkbenchError):
+    """The waiting queue is at its bound: try again later (HTTP 429)."""
+
+
+@dataclass
+class Timings:
+    arrival: float
+    admitted: float | None = None  # prefill started
+    first_token: float | None = None
+    finished: float | None = None
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def queue_s(self) -> float | None:
+        return None if self.admitted is None else self.admitted - self.arrival
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def e2e_s(self) -> float | None:
+        return None if self.finished is None else self.finished - self.arrival
+
+    @property
+    def itl_s(self) -> list[float]:
+        """Gaps between consecutive tokens (inter-token latency)."""
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+
+
+class Request:
+    """One generation request: its sequence, a queue of text pieces for the consumer, its timings and the
+    policies it was served under. `cancel()` frees its slot before the next step."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, listener=None):
+        self.id = f"req-{next(self._ids)}"
+        self.listener = listener  # called from the scheduler thread with each piece, then None (the server's bridge)
+        self.seq = Sequence(list(prompt_ids), params)
+        self.timings = Timings(time.perf_counter())
+        self.policies: list[str] = []
+        self.error: str | None = None
+        self.text = ""  # the completion so far (what was put in `pieces`)
+        self._pieces: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = threading.Event()
+        self.cancelled = threading.Event()
+
+    @property
+    def finish_reason(self) -> str | None:
+        if self.cancelled.is_set() and self.seq.finish_reason is None:
+            return "cancelled"
+        return self.seq.finish_reason
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def pieces(self, timeout: float | None = None) -> Iterator[str]:
+        """The completion's text piece by piece, until it finishes (blocking)."""
+        while True:
+            piece = self._pieces.get(timeout=timeout)
+            if piece is None:
+                if self.error:
+                    raise WorkbenchError(self.error)
+                return
+            yield piece
+
+    def result(self, timeout: float | None = None) -> dict:
+        """Block until finished; the completion and what it went through."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"{self.id} did not finish within {timeout} s")
+        if self.error:
+            raise WorkbenchError(self.error)
+        t = self.timings
+        return {"id": self.id, "text": self.text, "finish_reason": self.finish_reason,
+                "prompt_tokens": len(self.seq.prompt_ids), "completion_tokens": len(self.seq.tokens),
+                "policies": list(self.policies), "queue_s": t.queue_s, "ttft_s": t.ttft_s, "e2e_s": t.e2e_s}
+
+    # -- called by the scheduler thread ---------------------------------------------------------------------
+    def _emit(self, text: str) -> None:
+        if len(text) > len(self.text) and text.startswith(self.text):
+            piece, self.text = text[len(self.text):], text
+            self._pieces.put(piece)
+            if self.listener is not None:
+                self.listener(piece)
+
+    def _finish(self, error: str | None = None) -> None:
+        self.error = error
+        self.timings.finished = time.perf_counter()
+        self._pieces.put(None)
+        self._done.set()
+        if self.listener is not None:
+            self.listener(None)
+
+
+class Scheduler:
+    """Continuous batching over one engine (Llama-family models: the engine's own decode loop)."""
+
+    def __init__(self, engine, max_num_seqs: int = 8, max_queue: int = 64, max_model_len: int = 1024,
+                 prefill_budget: int = 2048, metrics=None, start: bool = True):
+        from workbench.engine import CACHE_QUANTUM
+        if engine.decode_path != "workbench":
+            raise InputError(f"continuous batching needs the engine's decode loop; {engine.name} runs transformers'")
+        if max_num_seqs < 1 or max_queue < 0 or prefill_budget < 1:
+            raise InputError("max_num_seqs and prefill_budget must be positive and max_queue non-negative")
+        self.engine, self.metrics = engine, metrics
+        self.max_num_seqs, self.max_queue, self.prefill_budget = max_num_seqs, max_queue, prefill_budget
+        self.max_model_len = min(engine.max_positions, -(-max_model_len // CACHE_QUANTUM) * CACHE_QUANTUM)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self._cond = threading.Condition()
+        self._pending_policy = None
+        self._policy_applied = threading.Event()
+        self._closed = False
+        self._cache: SlotKVCache | None = None
+        self._decoder = self._step = None
+        self.busy_s = 0.0  # time spent stepping (the controller's busy fraction reads it)
+        self.steps = 0
+        self.finisher = Finisher(engine._eos_ids(), lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))
+        self._thread = threading.Thread(target=self._loop, name="workbench-scheduler", daemon=True)
+        if start:
+            self._thread.start()
+
+    # ---- the public side ---------------------------------------------------------------------------------
+    def submit(self, prompt, params: SamplingParams | None = None, chat: bool | None = None,
+               listener=None) -> Request:
+        """Queue a prompt (text, chat messages, or token ids); raises InputError for a bad request and
+        QueueFull when the queue is at its bound. `listener(piece)` hears each text piece, then None."""
+        params = params or SamplingParams()
+        params.validate()
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            ids = prompt
+        else:
+            ids = self.engine._sequences([prompt], chat, params)[0].prompt_ids
+        if not ids:
+            raise InputError("prompt is empty after tokenization")
+        if len(ids) + params.max_new_tokens > self.max_model_len:
+            raise InputError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}) exceeds the "
+                             f"server's context of {self.max_model_len} tokens")
+        request = Request(ids, params, listener)
+        with self._cond:
+            if self._closed:
+                raise WorkbenchError("the scheduler is shut down")
+            if len(self.waiting) >= self.max_queue:
+                if self.metrics:
+                    self.metrics.rejected()
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
+            self.waiting.append(request)
+            self._cond.notify()
+        return request
+
+    def generate(self, prompt, params: SamplingParams | None = None, chat: bool | None = None,
+                 timeout: float | None = None) -> dict:
+        return self.submit(prompt, params, chat).result(timeout)
+
+    def set_policy(self, policy, wait: bool = True, timeout: float | None = 60) -> None:
+        """Switch the engine's policy between two decode steps (running requests go on under it)."""
+        with self._cond:
+            self._pending_policy = policy
+            self._policy_applied.clear()
+            self._cond.notify()
+        if wait and not self._policy_applied.wait(timeout):
+            raise TimeoutError("the policy change did not happen in time")
+
+    @property
+    def load(self) -> dict:
+        with self._cond:
+            return {"running": len(self.running), "waiting": len(self.waiting), "slots": self.max_num_seqs}
+
+    def close(self, timeout: float = 10) -> None:
+        """Stop the loop; requests still waiting or running finish with an error (nothing hangs)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._closed or self.waiting or self.running or self._pending_policy is not None):
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    policy, self._pending_policy = self._pending_policy, None
+                t0 = time.perf_counter()
+                with self.engine._lock, torch.inference_mode():
+                    if policy is not None:
+                        self._apply(policy)
+                    self._drop_cancelled()
+                    self._admit()
+                    if self.running:
+                        self._decode()
+                self.busy_s += time.perf_counter() - t0
+                if self.metrics:
+                    self.metrics.observe_scheduler(self)
+        except Exception as e:  # a bug must not leave clients hanging: everyone gets the error
+            self._fail_all(f"the scheduler stopped: {type(e).__name__}: {e}")
+            raise
+        self._fail_all("the scheduler was shut down")
+
+    def _fail_all(self, message: str) -> None:
+        with self._cond:
+            self._closed = True
+            pending = list(self.waiting) + list(self.running)
+            self.waiting.clear()
+            self.running = []
+        for r in pending:
+            if not r.done:
+                r._finish(message)
+
+    def _state(self):
+        """Decoder, cache and step, built on first use and rebuilt after a policy change (the cache is
+        kept: its keys and values stay valid)."""
+        from workbench.decode import Decoder, GraphedStep
+        if self._decoder is None:
+            self._decoder = Decoder(self.engine.model)
+            if self._cache is None:
+                self._cache = SlotKVCache.for_model(self.engine.model, self.max_num_seqs, self.max_model_len)
+            self._step = self._decoder.step
+            if self.engine.use_cuda_graphs and not self._decoder.sparse_attention:
+                self._step = GraphedStep(self._decoder, self._cache)
+        return self._decoder, self._cache, self._step
+
+    def _apply(self, policy) -> None:
+        try:
+            self.engine.reconfigure(policy)
+        finally:
+            self._decoder = self._step = None  # it may hold replaced modules
+            self._policy_applied.set()
+        if self.metrics:
+            self.metrics.policy_changed(self.engine.policy)
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            gone = [r for r in self.waiting if r.cancelled.is_set()]
+            for r in gone:
+                self.waiting.remove(r)
+        for r in gone:
+            r._finish()
+        for r in [r for r in self.running if r.cancelled.is_set()]:
+            self._retire(r)
+
+    def _admit(self) -> None:
+        decoder, cache, _ = self._state()
+        budget = self.prefill_budget
+        while cache.free_slots:
+            with self._cond:
+                if not self.waiting or (budget < len(self.waiting[0].seq.prompt_ids) and budget < self.prefill_budget):
+                    return  # the next prompt waits for the next iteration (decode steps go first)
+                r = self.waiting.popleft()
+            budget -= len(r.seq.prompt_ids)
+            seq = r.seq
+            r.timings.admitted = time.perf_counter()
+            seq.slot = cache.acquire()
+            if seq.params.seed is not None:
+                seq.generator = torch.Generator().manual_seed(seq.params.seed)
+            self._note_policy(r)
+            ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=cache.lengths.device)
+            with self.engine._dense_prefill():
+                logits = decoder.prefill(cache, seq.slot, ids)
+            self.running.append(r)
+            self._took(r, sample(logits, seq.params, seq.generator))
+            if self.metrics:
+                self.metrics.admitted(r)
+
+    def _decode(self) -> None:
+        _, cache, step = self._state()
+        ids = torch.zeros(cache.slots, dtype=torch.long)
+        active = torch.zeros(cache.slots, dtype=torch.long)
+        for r in self.running:
+            ids[r.seq.slot], active[r.seq.slot] = r.seq.tokens[-1], 1
+            self._note_policy(r)
+        device = cache.lengths.device
+        logits = step(cache, ids.to(device))
+        cache.advance(active.to(device), [r.seq.slot for r in self.running])
+        self.steps += 1
+        if self.metrics:
+            self.metrics.stepped(len(self.running))
+        if all(r.seq.params.temperature == 0 for r in self.running):
+            chosen = logits.argmax(-1).tolist()  # one small transfer instead of S x V logits
+            tokens = [chosen[r.seq.slot] for r in self.running]
+        else:
+            tokens = [sample(logits[r.seq.slot], r.seq.params, r.seq.generator) for r in self.running]
+        for r, token in zip(list(self.running), tokens):
+            self._took(r, token)
+
+    def _took(self, r: Request, token: int) -> None:
+        """Record one sampled token: the finisher decides whether it ends the sequence; stream the text."""
+        now = time.perf_counter()
+        if r.timings.first_token is None:
+            r.timings.first_token = now
+        r.timings.token_times.append(now)
+        self.finisher.update(r.seq, token)
+        text = self.engine._completion(r.seq)
+        if not (text.endswith("\ufffd") and not r.seq.finished):  # half a multi-byte character: wait
+            r._emit(text)
+        if r.seq.finished or len(r.seq.prompt_ids) + len(r.seq.tokens) >= self._cache.capacity:
+            if r.seq.finish_reason is None:
+                r.seq.finish_reason = "length"
+            self._retire(r)
+
+    def _retire(self, r: Request) -> None:
+        if r.seq.slot is not None:
+            self._cache.release(r.seq.slot)
+            r.seq.slot = None
+        if r in self.running:
+            self.running.remove(r)
+        r._finish()
+        if self.metrics:
+            self.metrics.finished(r)
+
+    def _note_policy(self, r: Request) -> None:
+        name = self.engine.policy.name
+        if not r.policies or r.policies[-1] != name:
+            r.policies.append(name)
