@@ -217,3 +217,22 @@ def test_lora_trainer_in_the_browser(browser, lab):
         assert steps >= 2 and "step" in _value(page, f"{panel} .wb-lora-progress")
         assert "→" in _value(page, f"{panel} .wb-metric-exact_match .wb-value")  # before → after answers scored
         assert "after" in _value(page, f"{panel} .wb-lora-answers")
+
+
+def test_scheduler_dashboard_in_the_browser(browser, lab):
+    with _notebook(browser, lab, "05_scheduler_and_serving.ipynb") as page:
+        panel = ".wb-schedulerdashboard"
+        page.wait_for_selector(f"{panel} .wb-scheduler-plots .js-plotly-plot", timeout=300_000)
+        page.locator(panel).scroll_into_view_if_needed()
+        points = "sel => (document.querySelector(sel + ' .js-plotly-plot').data[1].y || []).length"
+        assert page.evaluate(points, f"{panel} .wb-scheduler-plots") == 0
+        page.click(f"{panel} button.wb-load-start, {panel} .wb-load-start button")  # runs after the queued cells
+        page.wait_for_function(f"sel => ({points})(sel) >= 3", arg=f"{panel} .wb-scheduler-plots", timeout=300_000)
+        _shot(page, "scheduler_dashboard_running")
+        page.wait_for_function("sel => document.querySelector(sel).innerText.includes('load finished')",
+                               arg=f"{panel} .wb-status", timeout=300_000)
+        _shot(page, "scheduler_dashboard")
+        running = page.evaluate("sel => document.querySelector(sel + ' .js-plotly-plot').data[1].y",
+                                f"{panel} .wb-scheduler-plots")
+        assert max(running) >= 1  # requests were seen decoding
+        assert int(_value(page, f"{panel} .wb-metric-requests .wb-value")) >= 1

@@ -128,11 +128,50 @@ def test_controller_steps_up_and_down_with_hysteresis_and_dwell(engine):
         assert [d["direction"] for d in controller.decisions] == ["up", "up", "down", "down"]
 
 
+def test_controller_steps_back_from_a_rung_that_decodes_no_faster(engine):
+    with Scheduler(engine, max_num_seqs=2) as scheduler:  # idle: the step times below are set by hand
+        config = ControllerConfig(ladder=("dense", "topk30", "topk50"), period_s=1.0, dwell_s=5.0, forecast=None)
+        controller = ElasticController(scheduler, config)
+        scheduler.step_ms.update({("dense", 2): (10.0, 9), ("topk30", 2): (8.0, 9), ("topk50", 2): (9.5, 9)})
+        controller.level = 1  # as if it had climbed to topk30: 20% faster than dense, so it stays
+        assert controller.tick(load=0.95, now=100.0) is None  # loaded, but topk50 is slower than topk30: no climb
+        assert controller.unprofitable == {2} and "no faster than topk30 at batch 2" in controller.why_not["topk50"]
+        scheduler.step_ms[("topk30", 2)] = (12.0, 9)  # measured again while serving: now slower than dense
+        move = controller.tick(load=0.99, now=106.0)
+        assert move["to"] == "dense" and "no faster than dense" in move["reason"]
+        assert controller.tick(load=0.99, now=112.0) is None  # and it is not tried again
+
+
+def test_the_scheduler_times_decode_steps_per_policy_and_batch(engine):
+    with Scheduler(engine, max_num_seqs=2) as scheduler:
+        for r in [scheduler.submit(p, SamplingParams(max_new_tokens=6, ignore_eos=True)) for p in ("a b", "c d")]:
+            r.result(timeout=60)
+        (name, batch), (ms, n) = max(scheduler.step_ms.items(), key=lambda kv: kv[1][1])
+        assert name == engine.policy.name and batch in (1, 2) and ms > 0 and n >= 3
+
+
+def test_a_profiled_rung_that_is_slower_is_never_climbed_to(engine):
+    serving = engine.policy.name
+    with Scheduler(engine, max_num_seqs=2) as scheduler:
+        request = scheduler.submit("running while we profile", SamplingParams(max_new_tokens=12, ignore_eos=True))
+        times = scheduler.profile([Policy.identity(), Policy.uniform(0.5, "topk")], steps=3)
+        assert set(times) == {"identity", "topk-0.50"} and all(ms > 0 for ms in times.values())
+        assert engine.policy.name == serving and request.result(timeout=60)["completion_tokens"] == 12
+        assert request.result()["policies"] == [serving]  # profiling served no one under another policy
+        config = ControllerConfig(ladder=("dense", "topk50"), period_s=1.0, dwell_s=0.0, forecast=None)
+        controller = ElasticController(scheduler, config)
+        scheduler.profiled_ms.update({("dense", 2): 10.0, ("topk50", 2): 11.0})
+        assert controller.tick(load=0.99, now=100.0) is None  # loaded, but the rung up would be slower
+        assert "no faster than dense" in controller.why_not["topk50"] and not controller.decisions
+
+
 def test_controller_refuses_a_bad_ladder(engine):
     with pytest.raises(InputError):
         ControllerConfig(ladder=())
     with pytest.raises(InputError):
         ControllerConfig(low=0.9, high=0.5)
+    with pytest.raises(InputError):
+        ControllerConfig(min_speedup=1.5)
 
 
 def test_the_batcher_merges_concurrent_requests_and_scores_like_a_forward(engine):

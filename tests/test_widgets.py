@@ -101,3 +101,23 @@ def test_lora_trainer_runs_stops_and_compares_answers():
     trainer.wait()
     assert "wb-error" in trainer.status.value and "alpha" in trainer.status.value
     assert trainer.start.disabled is False
+
+
+def test_scheduler_dashboard_plots_a_load_run():
+    from workbench.widgets import SchedulerDashboard
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
+    dash = SchedulerDashboard(engine, max_num_seqs=2, requests=6, rate=16.0, prompt_tokens=8, output_tokens=64,
+                              sample_s=0.05, control_period_s=0.1)
+    dash.start.click()
+    dash.wait()
+    assert "wb-idle" in dash.status.value, dash.status.value
+    assert dash.summary["requests"] == 6
+    running = dash.figure.data[1].y
+    assert len(running) >= 2 and max(running) >= 1
+    assert engine.policy.is_identity  # the controller's last policy is undone after the run
+    dash.elastic.value = False
+    dash.requests.value = 200
+    dash.run()
+    dash.stop.click()
+    dash.wait()
+    assert "stopped" in dash.status.value or "wb-idle" in dash.status.value

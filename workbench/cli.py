@@ -1,4 +1,4 @@
-"""The `workbench` command: info, generate, eval, bench, finetune, lab, calibrate, sensitivity, provision.
+"""The `workbench` command: info, generate, eval, bench, finetune, serve, loadtest, lab, calibrate, sensitivity, provision.
 
 Every error a user can cause prints one line and exits with code 2; no traceback.
 """
@@ -121,6 +121,38 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--loss", choices=("lm", "kl"), default="lm",
                     help="lm: next-token loss; kl: toward the unmodified model (recovers what the policy cost)")
     ft.add_argument("--json", action="store_true", help="print one JSON object")
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching and /metrics")
+    _policy_options(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=os.environ.get("WORKBENCH_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' (default: $WORKBENCH_API_KEY, or none)")
+    srv.add_argument("--max-num-seqs", type=int, default=8, help="requests decoded together (cache slots)")
+    srv.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    srv.add_argument("--max-model-len", type=int, default=1024, help="prompt + completion tokens per request")
+    srv.add_argument("--elastic", action="store_true", help="run the elastic sparsity controller")
+    srv.add_argument("--ladder", default="topk30,topk50", help="the controller's policies, calm -> loaded")
+    srv.add_argument("--period", type=float, default=5.0, help="controller sampling period (s)")
+    srv.add_argument("--slo-ttft", type=float, default=None, help="time-to-first-token SLO (s) for the load signal")
+
+    lt = sub.add_parser("loadtest", help="serving benchmark: one-at-a-time vs continuous batching vs transformers, "
+                                          "a Poisson rate sweep, and the elastic controller under overload")
+    _policy_options(lt)
+    lt.add_argument("--requests", type=int, default=16, help="requests per run")
+    lt.add_argument("--rates", default="", help="comma-separated Poisson arrival rates (req/s) for the sweep")
+    lt.add_argument("--prompt-tokens", type=int, default=64, help="mean prompt length")
+    lt.add_argument("--output-tokens", type=int, default=32, help="mean output length")
+    lt.add_argument("--max-num-seqs", type=int, default=8)
+    lt.add_argument("--slo-ttft", type=float, default=2.0, help="time-to-first-token SLO (s)")
+    lt.add_argument("--slo-tpot", type=float, default=0.2, help="time-per-output-token SLO (s)")
+    lt.add_argument("--modes", default="one-at-a-time,continuous,transformers,elastic")
+    lt.add_argument("--ladder", default="dense,topk30,topk50", help="the elastic controller's policies")
+    lt.add_argument("--overload", type=float, default=2.0, help="overload rate as a multiple of measured capacity")
+    lt.add_argument("--control-period", type=float, default=0.5, help="controller period (s) in the benchmark")
+    lt.add_argument("--seed", type=int, default=0, help="seed of the workload (arrivals, lengths, prompts)")
+    lt.add_argument("--out", metavar="FILE.json", help="also write the results here")
+    lt.add_argument("--json", action="store_true", help="print one JSON object")
 
     prov = sub.add_parser("provision", help="fetch and cache the default model (idempotent)")
     prov.add_argument("--quiet", action="store_true")
@@ -365,9 +397,76 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from workbench.controller import ControllerConfig
+    from workbench.server import build, close
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_num_seqs < 1 or args.max_queue < 0 or args.max_model_len < 2:
+        raise InputError("--max-num-seqs must be positive, --max-queue non-negative, --max-model-len at least 2")
+    from workbench.bench import parse_bench_policy
+    for name in args.ladder.split(","):  # a bad rung fails before the model loads
+        parse_bench_policy(name.strip())
+    elastic = ControllerConfig(ladder=tuple(p.strip() for p in args.ladder.split(",") if p.strip()),
+                               period_s=args.period, slo_ttft_s=args.slo_ttft) if args.elastic else None
+    engine = _engine(args)
+    server = build(engine, args.max_num_seqs, args.max_queue, args.max_model_len, args.api_key, elastic)
+    print(f"serving {engine.name} ({engine.policy.name}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    try:
+        uvicorn.run(server.app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        close(server)
+    return 0
+
+
+def cmd_loadtest(args) -> int:
+    import math
+
+    from workbench.bench import parse_bench_policy
+    from workbench.loadtest import run_loadtest
+    try:
+        rates = tuple(float(r) for r in args.rates.split(",") if r.strip())
+    except ValueError:
+        raise InputError(f"--rates takes comma-separated numbers, got {args.rates!r}") from None
+    if any(not r > 0 for r in rates):
+        raise InputError("every --rates value must be positive")
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    known = {"one-at-a-time", "continuous", "transformers", "elastic"}
+    if not modes or set(modes) - known:
+        raise InputError(f"--modes takes some of {', '.join(sorted(known))}, got {args.modes!r}")
+    if args.requests < 1 or args.prompt_tokens < 1 or args.output_tokens < 1 or args.max_num_seqs < 1:
+        raise InputError("--requests, --prompt-tokens, --output-tokens and --max-num-seqs must be positive")
+    if not args.overload > 0 or not args.slo_ttft > 0 or not args.slo_tpot > 0 or not args.control_period > 0:
+        raise InputError("--overload, --slo-ttft, --slo-tpot and --control-period must be positive")
+    ladder = tuple(p.strip() for p in args.ladder.split(",") if p.strip())
+    for name in ladder:
+        parse_bench_policy(name)
+    engine = _engine(args)
+    progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    result = run_loadtest(engine, args.requests, rates or (math.inf,), args.prompt_tokens, args.output_tokens,
+                          args.max_num_seqs, args.slo_ttft, args.slo_tpot, modes, ladder, args.overload,
+                          args.control_period, seed=args.seed, progress=progress)
+    text = json.dumps(result, indent=1, default=str)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    if args.json:
+        print(text)
+    else:
+        for key in ("continuous_vs_one_at_a_time", "continuous_vs_transformers", "elastic_goodput_gain"):
+            if result.get(key) is not None:
+                print(f"{key.replace('_', ' ')}: {result[key]:.2f}x")
+        for name, kld in result["ladder_kld"].items():
+            print(f"KLD of {name}: {kld:.4f}")
+    return 0
+
+
 COMMANDS = {"info": cmd_info, "generate": cmd_generate, "eval": cmd_eval, "lab": cmd_lab,
             "calibrate": cmd_calibrate, "sensitivity": cmd_sensitivity, "provision": cmd_provision,
-            "bench": cmd_bench, "finetune": cmd_finetune}
+            "bench": cmd_bench, "finetune": cmd_finetune, "serve": cmd_serve,
+            "loadtest": cmd_loadtest}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

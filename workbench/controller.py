@@ -8,6 +8,13 @@ the queue builds. Above `high` it steps one rung up the ladder of policies (more
 one rung down; between the two it stays (hysteresis), and it never moves twice within `dwell_s`. At low
 load it also widens the dynamic batcher's window (more requests merged per forward).
 
+A rung only pays if it decodes faster than the one below it, and whether it does depends on the kernels,
+the device and the batch size (on a GPU at batch 32, or on a CPU, our top-k sparsity is slower than
+dense). So with `min_speedup` set, the controller judges each rung against the one below: from the
+scheduler's profiling run (`warm=True` times every rung with all slots busy before serving), else from
+the decode-step times measured while serving, at a batch size both were seen at. A rung not at least
+`min_speedup` faster is never climbed to (or is stepped back from): no quality is given up for nothing.
+
 Every move is a `Scheduler.set_policy` between two decode steps: nothing in flight is dropped, and each
 request records the policies it was served under.
 """
@@ -33,6 +40,8 @@ class ControllerConfig:
     beta: float = 0.3  # smoothing of the trend (holt)
     slo_ttft_s: float | None = None
     window_ms: tuple[float, float] = (2.0, 20.0)  # the batcher's window: at normal load, at low load
+    min_speedup: float | None = 0.05  # a rung must decode this much faster than the one below (None: no check)
+    timed_steps: int = 5  # decode steps at one batch size before a rung's speed is judged
 
     def __post_init__(self):
         if not self.ladder:
@@ -41,6 +50,8 @@ class ControllerConfig:
             raise InputError(f"controller thresholds need 0 <= low < high, got low={self.low}, high={self.high}")
         if self.period_s <= 0 or self.dwell_s < 0 or self.horizon_s < 0:
             raise InputError("period_s must be positive; dwell_s and horizon_s non-negative")
+        if self.min_speedup is not None and not 0 <= self.min_speedup < 1:
+            raise InputError(f"min_speedup must be in [0, 1) or None, got {self.min_speedup}")
         if self.forecast not in (None, "holt", "ewma"):
             raise InputError(f"forecast must be 'holt', 'ewma' or None, got {self.forecast!r}")
 
@@ -81,14 +92,18 @@ class ElasticController:
         self.level = 0
         self.forecaster = Forecaster(config.forecast, config.alpha, config.beta)
         self.decisions: list[dict] = []
+        self.unprofitable: set[int] = set()  # rungs measured no faster than the one below: never tried again
         self.samples: list[dict] = []
         self._moved_at = -float("inf")
         self._busy_at, self._busy_s = time.perf_counter(), scheduler.busy_s
         self._stop = threading.Event()
         self._thread = None
+        self.why_not: dict[str, str] = {}  # rung name -> why it does not pay
         for policy in (self.policies[::-1] if warm else []):  # pack every rung's weights once, up front:
             scheduler.set_policy(policy, timeout=None)          # later switches reuse them (engine.store_cache)
         scheduler.set_policy(self.policies[0], timeout=None)
+        if warm and config.min_speedup is not None and len(self.policies) > 1:
+            scheduler.profile(self.policies)
         if start:
             self.start()
 
@@ -140,8 +155,12 @@ class ElasticController:
             self.batcher.timeout_ms = wide if expected < self.config.low else calm
         if now - self._moved_at < self.config.dwell_s:
             return None
-        target = self.level
-        if expected >= self.config.high and self.level < len(self.policies) - 1:
+        target, reason = self.level, None
+        slower = self._does_not_pay(self.level)
+        if slower is not None:
+            target, reason = self.level - 1, slower
+        elif (expected >= self.config.high and self.level < len(self.policies) - 1
+              and self._does_not_pay(self.level + 1) is None):
             target = self.level + 1
         elif expected <= self.config.low and self.level > 0:
             target = self.level - 1
@@ -149,12 +168,40 @@ class ElasticController:
             return None
         move = {"t": now, "from": self.policy_name, "to": self.config.ladder[target], "load": sample["load"],
                 "forecast": expected, "direction": "up" if target > self.level else "down"}
+        if reason:
+            move["reason"] = reason
         self.level, self._moved_at = target, now
         self.scheduler.set_policy(self.policies[target], wait=False)
         self.decisions.append(move)
         if self.scheduler.metrics:
             self.scheduler.metrics.decision(move["direction"])
         return move
+
+    def _does_not_pay(self, level: int) -> str | None:
+        """Why rung `level` is no faster than the rung below (a sentence, remembered), or None when it is
+        faster or not yet timed. Profiled times first (both rungs timed alike), else serving times at the
+        largest batch size both were seen at over `timed_steps` steps."""
+        if self.config.min_speedup is None or level == 0:
+            return None
+        if level in self.unprofitable:
+            return self.why_not[self.config.ladder[level]]
+        here, below = self.policies[level].name, self.policies[level - 1].name
+        profiled = self.scheduler.profiled_ms
+        pairs = [(b, ms, profiled[(below, b)]) for (name, b), ms in profiled.items()
+                 if name == here and (below, b) in profiled]
+        if not pairs:
+            live, enough = self.scheduler.step_ms, self.config.timed_steps
+            pairs = [(b, ms, live[(below, b)][0]) for (name, b), (ms, n) in live.items()
+                     if name == here and n >= enough and live.get((below, b), (0.0, 0))[1] >= enough]
+        if not pairs:
+            return None
+        b, ms, ms_below = max(pairs)
+        if ms <= (1 - self.config.min_speedup) * ms_below:
+            return None
+        self.unprofitable.add(level)
+        why = f"{here} decodes no faster than {below} at batch {b}: {ms:.1f} vs {ms_below:.1f} ms per step"
+        self.why_not[self.config.ladder[level]] = why
+        return why
 
     def start(self) -> None:
         def run():

@@ -147,11 +147,16 @@ class Scheduler:
         self._cond = threading.Condition()
         self._pending_policy = None
         self._policy_applied = threading.Event()
+        self._jobs: list = []  # callables the loop runs between two iterations (profiling)
         self._closed = False
         self._cache: SlotKVCache | None = None
         self._decoder = self._step = None
         self.busy_s = 0.0  # time spent stepping (the controller's busy fraction reads it)
         self.steps = 0
+        # Decode-step time per (policy name, batch size): a running mean over the last few steps, and how
+        # many steps it saw. The controller reads it to tell whether a rung of its ladder is faster at all.
+        self.step_ms: dict[tuple[str, int], tuple[float, int]] = {}
+        self.profiled_ms: dict[tuple[str, int], float] = {}  # from `profile`: (policy name, batch) -> ms
         self.finisher = Finisher(engine._eos_ids(), lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))
         self._thread = threading.Thread(target=self._loop, name="workbench-scheduler", daemon=True)
         if start:
@@ -198,6 +203,73 @@ class Scheduler:
         if wait and not self._policy_applied.wait(timeout):
             raise TimeoutError("the policy change did not happen in time")
 
+    def profile(self, policies, batch: int | None = None, steps: int = 6, prompt_tokens: int = 32,
+                timeout: float | None = None) -> dict[str, float]:
+        """Median decode-step time (ms) at `batch` (default: every slot busy) under each policy, measured
+        in a scratch cache between two iterations of the loop (running requests wait that long, no more),
+        then the scheduler's policy is restored. Like a serving engine's profiling run: the controller
+        reads it to know, before serving under a rung, whether that rung decodes faster at all."""
+        batch = batch or self.max_num_seqs
+        done, box = threading.Event(), {}
+
+        def job():
+            try:
+                box["ms"] = self._profile(list(policies), batch, steps, prompt_tokens)
+            except Exception as e:  # reported to the caller, never kills the loop
+                box["error"] = e
+            finally:
+                done.set()
+        with self._cond:
+            if self._closed:
+                raise WorkbenchError("the scheduler is shut down")
+            self._jobs.append(job)
+            self._cond.notify()
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while not done.wait(0.1):
+            if self._closed:
+                raise WorkbenchError("the scheduler shut down before profiling ran")
+            if deadline is not None and time.perf_counter() > deadline:
+                raise TimeoutError("profiling did not finish in time")
+        if "error" in box:
+            raise box["error"]
+        self.profiled_ms.update({(name, batch): ms for name, ms in box["ms"].items()})
+        return box["ms"]
+
+    def _profile(self, policies, batch: int, steps: int, prompt_tokens: int) -> dict[str, float]:
+        from workbench.decode import Decoder, GraphedStep
+        from workbench.engine import CACHE_QUANTUM
+        original, times = self.engine.policy, {}
+        capacity = -(-(prompt_tokens + steps + 4) // CACHE_QUANTUM) * CACHE_QUANTUM
+        try:
+            for policy in policies:
+                self.engine.reconfigure(policy)
+                decoder = Decoder(self.engine.model)
+                cache = SlotKVCache.for_model(self.engine.model, batch, capacity)
+                device = cache.lengths.device
+                prompt = torch.arange(1, prompt_tokens + 1, device=device) % 1000
+                with self.engine._dense_prefill():
+                    for _ in range(batch):
+                        decoder.prefill(cache, cache.acquire(), prompt)
+                step = decoder.step
+                if self.engine.use_cuda_graphs and not decoder.sparse_attention:
+                    step = GraphedStep(decoder, cache)
+                ids, active = torch.ones(batch, dtype=torch.long, device=device), torch.ones(batch, dtype=torch.long,
+                                                                                            device=device)
+                samples = []
+                for i in range(steps + 1):  # the first step is a warm-up
+                    t0 = time.perf_counter()
+                    logits = step(cache, ids)
+                    cache.advance(active, list(range(batch)))
+                    logits.argmax(-1).tolist()  # wait for the device, as a real step does
+                    if i:
+                        samples.append((time.perf_counter() - t0) * 1e3)
+                times[self.engine.policy.name] = sorted(samples)[len(samples) // 2]
+                del step, cache, decoder
+        finally:
+            self.engine.reconfigure(original)
+            self._decoder = self._step = None
+        return times
+
     @property
     def load(self) -> dict:
         with self._cond:
@@ -223,13 +295,17 @@ class Scheduler:
         try:
             while True:
                 with self._cond:
-                    while not (self._closed or self.waiting or self.running or self._pending_policy is not None):
+                    while not (self._closed or self.waiting or self.running or self._pending_policy is not None
+                               or self._jobs):
                         self._cond.wait()
                     if self._closed:
                         break
                     policy, self._pending_policy = self._pending_policy, None
+                    jobs, self._jobs = self._jobs, []
                 t0 = time.perf_counter()
                 with self.engine._lock, torch.inference_mode():
+                    for job in jobs:
+                        job()
                     if policy is not None:
                         self._apply(policy)
                     self._drop_cancelled()
@@ -310,6 +386,15 @@ class Scheduler:
                 self.metrics.admitted(r)
 
     def _decode(self) -> None:
+        t0 = time.perf_counter()
+        batch = len(self.running)
+        self._decode_step()
+        key = (self.engine.policy.name, batch)
+        mean, n = self.step_ms.get(key, (0.0, 0))
+        ms = (time.perf_counter() - t0) * 1e3
+        self.step_ms[key] = (ms if n == 0 else mean + (ms - mean) / min(n + 1, 8), n + 1)
+
+    def _decode_step(self) -> None:
         _, cache, step = self._state()
         ids = torch.zeros(cache.slots, dtype=torch.long)
         active = torch.zeros(cache.slots, dtype=torch.long)

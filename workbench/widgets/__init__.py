@@ -2,6 +2,7 @@
 from workbench.widgets.attention import AttentionExplorer
 from workbench.widgets.lora import LoRATrainer
 from workbench.widgets.precision import PrecisionTuner
+from workbench.widgets.scheduler import SchedulerDashboard
 from workbench.widgets.sparsity import SparsityTuner
 
-__all__ = ["SparsityTuner", "PrecisionTuner", "AttentionExplorer", "LoRATrainer"]
+__all__ = ["SparsityTuner", "PrecisionTuner", "AttentionExplorer", "LoRATrainer", "SchedulerDashboard"]
