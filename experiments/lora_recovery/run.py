@@ -79,7 +79,8 @@ def main():
     result = {"model": "default", "rows": rows, "settings": vars(args) | {"targets": "all-linear", "chunks": len(chunks)},
               "environment": environment()}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print("wrote", args.out, *save_figure(recovery_figure(result), Path(args.out).with_name("recovery")))
+    figure = Path(args.out).with_name(Path(args.out).stem.replace("results", "recovery"))  # results_X -> recovery_X
+    print("wrote", args.out, *save_figure(recovery_figure(result), figure, html=figure.name == "recovery"))
 
 
 if __name__ == "__main__":
