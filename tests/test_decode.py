@@ -54,6 +54,22 @@ def test_more_sequences_than_slots_join_as_slots_free():
         assert seq.tokens == hf_greedy(engine, prompt, n)  # a reused slot carries nothing over
 
 
+@pytest.mark.parametrize("policy", [Policy(), Policy.uniform(0.0, attention="topk:4")], ids=["dense", "sparse-attention"])
+def test_batched_prefill_equals_prefilling_one_prompt_at_a_time(policy):
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu", policy=policy)
+    prompts = [torch.tensor(engine.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in PROMPTS]
+    decoder = Decoder(engine.model)
+    one, many = (SlotKVCache.for_model(engine.model, slots=4, capacity=64) for _ in range(2))
+    with torch.inference_mode():
+        alone = torch.stack([decoder.prefill(one, slot, p) for slot, p in zip([3, 0, 2], prompts)])
+        together = decoder.prefill_batch(many, [3, 0, 2], prompts)  # slots out of order, lengths differ
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
+    assert many.host_lengths == one.host_lengths == [len(prompts[1]), 0, 1, len(prompts[0])]
+    for slot, n in [(3, len(prompts[0])), (0, len(prompts[1])), (2, 1)]:  # the real positions match
+        for a, b in zip(one.keys + one.values, many.keys + many.values):
+            torch.testing.assert_close(b[slot, :, :n], a[slot, :, :n], rtol=1e-4, atol=1e-4)
+
+
 def test_sequence_longer_than_cache_fails_before_any_work():
     engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
     calls = []

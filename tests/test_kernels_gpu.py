@@ -81,7 +81,7 @@ def test_sparse_gemv_matches_reference(sparsity, dtype, tokens):
     assert kept.item() == mask.sum().item() and seen.item() == x.numel()
 
 
-@pytest.mark.parametrize("tokens", [1, 8])
+@pytest.mark.parametrize("tokens", [1, 8, 24, 64])  # 24: a partly filled 32-row tile
 @pytest.mark.parametrize("fmt", ["int8", "int8-block64", "int4-g32", "int4-g64", "int4-g128", "int4-g64-asym"])
 def test_quant_gemv_matches_reference(fmt, tokens):
     from workbench.kernels.quant_gemv import quant_gemv

@@ -34,6 +34,7 @@ def test_every_request_gets_its_own_sequential_greedy_answer(engine):
     total = next(s.value for s in batch if s.name.endswith("_sum"))
     assert total / steps > 1.5  # requests really were decoded together
     assert scheduler.steps < sum(lengths)
+    assert scheduler.prefills < len(PROMPTS)  # and prompts prefilled together
 
 
 def test_streamed_pieces_add_up_to_the_text(engine):

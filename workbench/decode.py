@@ -138,12 +138,40 @@ class Decoder:
 
     def prefill(self, cache: SlotKVCache, slot: int, ids: torch.Tensor) -> torch.Tensor:
         """Write a prompt (T,) into `slot` (from its start) and return the last position's logits (V,)."""
-        t = ids.shape[0]
-        cache.check_fits(t, 0)
-        positions = torch.arange(t, device=ids.device)[None]
-        hidden = self._run(ids[None], positions, cache, slice(slot, slot + 1), prefill_end=t)
-        cache._set_length(slot, t)
-        return self._logits(hidden[:, -1])[0]
+        return self.prefill_batch(cache, [slot], [ids])[0]
+
+    def prefill_batch(self, cache: SlotKVCache, slots: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Write several prompts into their slots in one forward pass; each prompt's last logits (B, V).
+
+        Prompts are right-padded to the longest: causal attention keeps every real position from seeing
+        the padding, and the padded positions lie beyond each slot's length, where decoding overwrites
+        them. One pass reads the weights once for all prompts instead of once per prompt.
+        """
+        if len(slots) != len(prompts) or not prompts:
+            raise InputError(f"prefill_batch needs one slot per prompt, got {len(slots)} and {len(prompts)}")
+        lengths = [p.shape[0] for p in prompts]
+        single = [n == 1 for n in lengths]
+        if any(single) and not all(single):
+            # A one-token prompt looks like a decode step to the layers' rule "prompts run dense, decode
+            # steps sparse" (transformers' generate sees it so too); padding it would change its answer.
+            logits = torch.empty(len(prompts), self.lm_head.out_features, device=prompts[0].device)
+            for group in (True, False):
+                rows = [i for i, s in enumerate(single) if s == group]
+                logits[rows] = self.prefill_batch(cache, [slots[i] for i in rows], [prompts[i] for i in rows])
+            return logits
+        for n in lengths:
+            cache.check_fits(n, 0)
+        t, device = max(lengths), cache.lengths.device
+        ids = torch.zeros(len(prompts), t, dtype=torch.long, device=device)
+        for row, p in enumerate(prompts):
+            ids[row, :p.shape[0]] = p
+        positions = torch.arange(t, device=device)[None]
+        rows = torch.tensor(slots, device=device)
+        hidden = self._run(ids, positions, cache, rows, prompt_lengths=torch.tensor(lengths, device=device))
+        for slot, n in zip(slots, lengths):
+            cache._set_length(slot, n)
+        last = torch.tensor(lengths, device=device) - 1
+        return self._logits(hidden[torch.arange(len(prompts), device=device), last])
 
     def step(self, cache: SlotKVCache, ids: torch.Tensor) -> torch.Tensor:
         """One token for every slot (S,), each at its own position `cache.lengths`; logits (S, V).
@@ -155,7 +183,8 @@ class Decoder:
         positions = cache.lengths.clamp(max=cache.capacity - 1)[:, None]  # (S, 1)
         if self.fused and cache.capacity % ATTENTION_BLOCK == 0 and not self.sparse_attention and not self._bypassed():
             return self._fused_step(ids, positions, cache)
-        hidden = self._run(ids[:, None], positions, cache, slice(0, cache.slots), prefill_end=None)
+        rows = torch.arange(cache.slots, device=ids.device)
+        hidden = self._run(ids[:, None], positions, cache, rows, prompt_lengths=None)
         return self._logits(hidden[:, -1])
 
     def _bypassed(self) -> bool:
@@ -210,17 +239,19 @@ class Decoder:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden)).float()
 
-    def _run(self, ids, positions, cache, slots: slice, prefill_end: int | None) -> torch.Tensor:
+    def _run(self, ids, positions, cache, rows: torch.Tensor, prompt_lengths: torch.Tensor | None) -> torch.Tensor:
+        """The layers over `ids` (B, T); row b lives in cache slot `rows[b]`. With `prompt_lengths` (B,) this
+        is a prefill from position 0 (rows right-padded to T); without, one decode token per slot."""
         x = self.embed(ids)
         cos, sin = self.rotary(x, positions)
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
-            x = x + self._attention(layer.self_attn, h, cos, sin, positions, cache.keys[i][slots],
-                                    cache.values[i][slots], prefill_end)
+            x = x + self._attention(layer.self_attn, h, cos, sin, positions, rows, cache.keys[i],
+                                    cache.values[i], prompt_lengths)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return x
 
-    def _attention(self, attn, h, cos, sin, positions, k_cache, v_cache, prefill_end):
+    def _attention(self, attn, h, cos, sin, positions, rows, k_cache, v_cache, prompt_lengths):
         b, t, _ = h.shape
         q = attn.q_proj(h).view(b, t, self.heads, self.head_dim)
         k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim)
@@ -228,23 +259,24 @@ class Decoder:
         if hasattr(attn, "q_norm"):  # qwen3 normalises q and k per head before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = self.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        if prefill_end is None:  # decode: one new position per slot, scattered in place
-            rows = torch.arange(b, device=h.device)
+        if prompt_lengths is None:  # decode: one new position per slot (every slot, in order), in place
             k_cache[rows, :, positions[:, 0]] = k[:, :, 0]
             v_cache[rows, :, positions[:, 0]] = v[:, :, 0]
             keys, values = k_cache, v_cache
             valid = torch.arange(k_cache.shape[2], device=h.device)[None, :] <= positions  # (S, C)
             mask = valid[:, None, None, :]  # (S, 1, 1, C)
-        else:  # prefill from position 0: only the filled prefix takes part
-            k_cache[:, :, :prefill_end] = k
-            v_cache[:, :, :prefill_end] = v
-            keys, values = k_cache[:, :, :prefill_end], v_cache[:, :, :prefill_end]
-            mask = None
+        else:  # prefill from position 0: the prompt's own keys are all there is to attend to
+            k_cache[rows, :, :t] = k
+            v_cache[rows, :, :t] = v
+            keys, values = k, v
+            mask = None  # causal: a real position never sees the padding after it
         spec = getattr(attn, "workbench_attention", None)
         if getattr(attn, "workbench_capture", None) is not None or (spec is not None and not spec.is_identity):
             from workbench.sparse_attention import workbench_attention
-            if mask is None:
-                mask = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()[None, None]
+            if mask is None:  # causal within each prompt; padded queries attend nowhere (not measured)
+                at = torch.arange(t, device=h.device)
+                real = at[None, :] < prompt_lengths[:, None]  # (B, T)
+                mask = ((at[None, :] <= at[:, None])[None] & real[:, None, :] & real[:, :, None])[:, None]
             out, _ = workbench_attention(attn, q, keys, values, mask, scaling=attn.scaling)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1,
@@ -479,17 +511,19 @@ def decode_loop(decoder: Decoder, cache: SlotKVCache, seqs: list[Sequence], fini
     waiting, running = list(seqs), []
     while waiting or running:
         joined = []
-        while waiting and cache.free_slots:  # join between steps
+        while waiting and cache.free_slots:  # join between steps, prefilled together below
             seq = waiting.pop(0)
             seq.slot = cache.acquire()
             if seq.params.seed is not None:
                 seq.generator = torch.Generator().manual_seed(seq.params.seed)
-            ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=device)
-            with prefill_context() if prefill_context else _null():
-                logits = decoder.prefill(cache, seq.slot, ids)
-            finisher.update(seq, sample(logits, seq.params, seq.generator))
             joined.append(seq)
-            running.append(seq)
+        for group in padded_groups(joined, lambda seq: len(seq.prompt_ids)):
+            prompts = [torch.tensor(seq.prompt_ids, dtype=torch.long, device=device) for seq in group]
+            with prefill_context() if prefill_context else _null():
+                logits = decoder.prefill_batch(cache, [seq.slot for seq in group], prompts)
+            for seq, row in zip(group, logits):
+                finisher.update(seq, sample(row, seq.params, seq.generator))
+        running.extend(joined)
         if joined:
             yield joined
         running = _retire(cache, running)
@@ -513,6 +547,26 @@ def decode_loop(decoder: Decoder, cache: SlotKVCache, seqs: list[Sequence], fini
                 finisher.update(seq, sample(logits[seq.slot], seq.params, seq.generator))
         yield list(running)
         running = _retire(cache, running)
+
+
+PREFILL_TOKENS = 4096  # padded prompt tokens per batched prefill: bounds its activations and its stall
+
+
+def padded_cost(lengths: list[int]) -> int:
+    """Positions a right-padded batch of these prompt lengths computes."""
+    return len(lengths) * max(lengths, default=0)
+
+
+def padded_groups(items: list, length: Callable, budget: int = PREFILL_TOKENS) -> list[list]:
+    """Split `items` (in order) into batches whose padded size stays within `budget`; a prompt longer than
+    the budget goes alone."""
+    groups, group = [], []
+    for item in items:
+        if group and padded_cost([length(i) for i in group + [item]]) > budget:
+            groups.append(group)
+            group = []
+        group.append(item)
+    return groups + [group] if group else groups
 
 
 def _pipelined(step: GraphedStep, cache: SlotKVCache, running: list[Sequence], finisher: Finisher,

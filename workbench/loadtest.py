@@ -85,6 +85,7 @@ def run_scheduler(scheduler, workload: list[WorkItem], slo_ttft_s: float, slo_tp
     A request refused with QueueFull counts as failed (it misses the SLO), never as silently dropped."""
     from workbench.scheduler import QueueFull
     requests, refused = [], []
+    before = (scheduler.busy_s, scheduler.prefill_s, scheduler.decode_s)
     t0 = time.perf_counter()
 
     def feed():
@@ -109,6 +110,11 @@ def run_scheduler(scheduler, workload: list[WorkItem], slo_ttft_s: float, slo_tp
     results = [r.result() for r in requests]
     summary = summarise(results, seconds, slo_ttft_s, slo_tpot_s)
     summary["refused"] = len(refused)  # they met no SLO: in no goodput numerator
+    busy, prefill, decode = (now - then for now, then in
+                             zip((scheduler.busy_s, scheduler.prefill_s, scheduler.decode_s), before))
+    # where the wall time went: what limits serving (prefill stalls, decode steps, or host work around them)
+    summary["time_s"] = {"prefill": round(prefill, 3), "decode": round(decode, 3),
+                         "other_busy": round(busy - prefill - decode, 3), "idle": round(seconds - busy, 3)}
     return summary
 
 

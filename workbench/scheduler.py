@@ -7,9 +7,10 @@
     request.result()                      # the whole completion, finish reason, timings, policy levels
 
 One thread owns the engine and loops: apply a pending policy change, drop cancelled requests (their slots
-come free at once), admit waiting requests into free slots (prefill, up to `prefill_budget` prompt
-tokens per iteration, so one long prompt does not stall everyone's next token for long), then one
-decode step for every running request. A request waits in a bounded queue: beyond `max_queue` it is
+come free at once), admit waiting requests into free slots and prefill them together in one pass (up to
+`prefill_budget` padded prompt tokens per iteration, so a burst of prompts does not stall everyone's next
+token for long; one pass reads the weights once for all of them), then one decode step for every
+running request. A request waits in a bounded queue: beyond `max_queue` it is
 refused with `QueueFull` (the server's 429), never silently dropped. A policy change (the elastic
 controller's) is an `engine.reconfigure` between two steps: the KV cache is kept, so running requests go
 on under the new policy, and each records every policy it was served under.
@@ -26,7 +27,7 @@ from typing import Iterator
 
 import torch
 
-from workbench.decode import Finisher, SamplingParams, Sequence, SlotKVCache, sample
+from workbench.decode import Finisher, SamplingParams, Sequence, SlotKVCache, padded_cost, sample
 from workbench.errors import InputError, WorkbenchError
 
 
@@ -152,7 +153,9 @@ class Scheduler:
         self._cache: SlotKVCache | None = None
         self._decoder = self._step = None
         self.busy_s = 0.0  # time spent stepping (the controller's busy fraction reads it)
+        self.prefill_s = self.decode_s = 0.0  # of which prefilling prompts, and decode steps (both synced)
         self.steps = 0
+        self.prefills = 0  # batched prefill passes
         # Decode-step time per (policy name, batch size): a running mean over the last few steps, and how
         # many steps it saw. The controller reads it to tell whether a rung of its ladder is faster at all.
         self.step_ms: dict[tuple[str, int], tuple[float, int]] = {}
@@ -248,8 +251,7 @@ class Scheduler:
                 device = cache.lengths.device
                 prompt = torch.arange(1, prompt_tokens + 1, device=device) % 1000
                 with self.engine._dense_prefill():
-                    for _ in range(batch):
-                        decoder.prefill(cache, cache.acquire(), prompt)
+                    decoder.prefill_batch(cache, [cache.acquire() for _ in range(batch)], [prompt] * batch)
                 step = decoder.step
                 if self.engine.use_cuda_graphs and not decoder.sparse_attention:
                     step = GraphedStep(decoder, cache)
@@ -363,27 +365,36 @@ class Scheduler:
             self._retire(r)
 
     def _admit(self) -> None:
+        """Move waiting requests into free slots and prefill them together in one pass, as many as the
+        prefill budget allows in padded tokens (decode steps go first; the rest join next iteration)."""
         decoder, cache, _ = self._state()
-        budget = self.prefill_budget
-        while cache.free_slots:
-            with self._cond:
-                if not self.waiting or (budget < len(self.waiting[0].seq.prompt_ids) and budget < self.prefill_budget):
-                    return  # the next prompt waits for the next iteration (decode steps go first)
-                r = self.waiting.popleft()
-            budget -= len(r.seq.prompt_ids)
-            seq = r.seq
-            r.timings.admitted = time.perf_counter()
-            seq.slot = cache.acquire()
-            if seq.params.seed is not None:
-                seq.generator = torch.Generator().manual_seed(seq.params.seed)
+        admitted: list[Request] = []
+        with self._cond:
+            while self.waiting and len(admitted) < cache.free_slots:
+                lengths = [len(r.seq.prompt_ids) for r in admitted + [self.waiting[0]]]
+                if admitted and padded_cost(lengths) > self.prefill_budget:
+                    break
+                admitted.append(self.waiting.popleft())
+        if not admitted:
+            return
+        now = time.perf_counter()
+        for r in admitted:
+            r.timings.admitted = now
+            r.seq.slot = cache.acquire()
+            if r.seq.params.seed is not None:
+                r.seq.generator = torch.Generator().manual_seed(r.seq.params.seed)
             self._note_policy(r)
-            ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=cache.lengths.device)
-            with self.engine._dense_prefill():
-                logits = decoder.prefill(cache, seq.slot, ids)
+        t0, device = time.perf_counter(), cache.lengths.device
+        prompts = [torch.tensor(r.seq.prompt_ids, dtype=torch.long, device=device) for r in admitted]
+        with self.engine._dense_prefill():
+            logits = decoder.prefill_batch(cache, [r.seq.slot for r in admitted], prompts)
+        self.prefills += 1
+        for r, row in zip(admitted, logits):
             self.running.append(r)
-            self._took(r, sample(logits, seq.params, seq.generator))
+            self._took(r, sample(row, r.seq.params, r.seq.generator))
             if self.metrics:
                 self.metrics.admitted(r)
+        self.prefill_s += time.perf_counter() - t0
 
     def _decode(self) -> None:
         t0 = time.perf_counter()
@@ -392,6 +403,7 @@ class Scheduler:
         key = (self.engine.policy.name, batch)
         mean, n = self.step_ms.get(key, (0.0, 0))
         ms = (time.perf_counter() - t0) * 1e3
+        self.decode_s += ms / 1e3
         self.step_ms[key] = (ms if n == 0 else mean + (ms - mean) / min(n + 1, 8), n + 1)
 
     def _decode_step(self) -> None:

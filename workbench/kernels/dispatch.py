@@ -9,9 +9,9 @@
     yes                                       | int8-block / int4  | sparsify in torch, then quant_gemv
     no                                        | model's bf16/fp16  | none: cuBLAS is already at the bound
 
-Anything else (fp8, per-channel WINA thresholds, more than 16 tokens: prefill) keeps the reference
-path. Every path is graph-safe (no host sync), so the decode step captures whole. Set
-WORKBENCH_KERNELS=0 to keep the reference paths everywhere (for comparisons).
+Anything else (fp8, per-channel WINA thresholds, and prefill: more than 64 tokens for quant_gemv, more
+than 16 for sparse_gemv) keeps the reference path. Every path is graph-safe (no host sync), so the
+decode step captures whole. Set WORKBENCH_KERNELS=0 to keep the reference paths everywhere.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from typing import Callable
 
 import torch
 
-from workbench.kernels.quant_gemv import MAX_TOKENS, quant_gemv, tinygemm_pack
-from workbench.kernels.sparse_gemv import gather_gemv, sparse_gemv
+from workbench.kernels.quant_gemv import MAX_TOKENS as QUANT_TOKENS, quant_gemv, tinygemm_pack
+from workbench.kernels.sparse_gemv import MAX_TOKENS as SPARSE_TOKENS, gather_gemv, sparse_gemv
 from workbench.kernels.topk import topk_select
 
 
@@ -49,12 +49,13 @@ class LinearKernel:
         self.tinygemm = tinygemm_pack(store.tensors) if quant and store.fmt.name == "int4" \
             and store.compute_dtype == torch.bfloat16 else None
         if cut is not None and cut[0] == "threshold":  # a calibrated constant cut
-            self.const_cut = torch.full((MAX_TOKENS,), float(cut[1]), device=layer.base.weight.device)
+            self.const_cut = torch.full((SPARSE_TOKENS,), float(cut[1]), device=layer.base.weight.device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         rows = x.reshape(-1, x.shape[-1])
         sparse = self.cut is not None and not (self.layer.dense_multi_token and x.shape[-2] > 1)
-        if rows.shape[0] > MAX_TOKENS or (self.kind == "sparse" and not sparse):
+        if rows.shape[0] > (SPARSE_TOKENS if self.kind == "sparse" else QUANT_TOKENS) or (
+                self.kind == "sparse" and not sparse):
             return None  # prefill: the reference path (cuBLAS) is the right tool
         layer = self.layer
         if self.kind == "sparse":

@@ -1,4 +1,4 @@
-"""Weight-only quantized GEMV (decode: 1 to 16 tokens) reading int8 or int4 weights as stored.
+"""Weight-only quantized GEMV (decode: 1 to 64 tokens) reading int8 or int4 weights as stored.
 
 One kernel for the formats of `workbench.ops.quant`, on their own packed tensors (no repacking):
 
@@ -10,8 +10,8 @@ One kernel for the formats of `workbench.ops.quant`, on their own packed tensors
 
 Weights are row-major (N, K) as stored: a program owns BLOCK_N output rows and walks its share of K
 (split-K over a second grid axis when N alone gives too few programs; partial sums then meet in a
-float32 buffer by atomic adds). One token reduces in registers; 2-16 tokens use `tl.dot` with the
-dequantized tile. Reference: `ops.formats.reference_matmul` (dequantize, then multiply).
+float32 buffer by atomic adds). One token reduces in registers; 2-64 tokens (a decode batch) use
+`tl.dot` with the dequantized tile, 16, 32 or 64 token rows to a tile. Reference: `ops.formats.reference_matmul` (dequantize, then multiply).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import triton.language as tl
 
 from workbench.kernels.tuning import sm_count, split_for, tuned
 
-MAX_TOKENS = 16  # beyond this (prefill) the caller dequantizes and uses cuBLAS
+MAX_TOKENS = 64  # beyond this (prefill) the caller dequantizes and uses cuBLAS
 
 
 @triton.jit
@@ -129,7 +129,7 @@ def tinygemm_pack(tensors: dict) -> tuple | None:
 
 
 def quant_gemv(x: torch.Tensor, tensors: dict, config: dict | None = None, tinygemm: tuple | None = None) -> torch.Tensor:
-    """x (M, K) with M <= 16, bf16/fp16 -> (M, N) in x's dtype, for int8 / int8-block / int4 tensors.
+    """x (M, K) with M <= 64, bf16/fp16 -> (M, N) in x's dtype, for int8 / int8-block / int4 tensors.
 
     `tinygemm` (from `tinygemm_pack`, bf16 activations only) adds aten's kernel to the candidates."""
     q, scale, minimum = tensors["q"], tensors["scale"], tensors.get("min")
@@ -139,7 +139,7 @@ def quant_gemv(x: torch.Tensor, tensors: dict, config: dict | None = None, tinyg
         raise ValueError(f"quant_gemv takes at most {MAX_TOKENS} tokens, got {m}")
     x = x.contiguous()
     bits, group, rows_per_scale, ssn, ssk, default_k = _layout(tensors, k)
-    block_m = 1 if m == 1 else 16
+    block_m = 1 if m == 1 else max(16, triton.next_power_of_2(m))  # tl.dot needs at least 16 rows
 
     def launch(cfg):
         if cfg.get("impl") == "tinygemm":
@@ -162,6 +162,9 @@ def quant_gemv(x: torch.Tensor, tensors: dict, config: dict | None = None, tinyg
         sms = sm_count(x.device)
         shapes = ((16, default_k, 4), (32, default_k, 4), (64, default_k, 8), (16, 2 * default_k, 4),
                   (32, 2 * default_k, 8))
+        if block_m > 16:  # a bigger token tile: wider output tiles and shorter K steps keep registers in bounds
+            shapes = ((32, default_k // 2, 4), (64, default_k // 2, 4), (64, default_k, 8), (128, default_k // 2, 8),
+                      (32, default_k, 4))
         candidates = [dict(split=s, block_n=bn, block_k=bk, warps=w) for bn, bk, w in shapes
                       for s in split_for(triton.cdiv(n, bn), triton.cdiv(k, bk), sms)]
         if tinygemm is not None and x.dtype == torch.bfloat16:
