@@ -84,7 +84,8 @@ def test_sparse_gemv_matches_reference(sparsity, dtype, tokens):
 @pytest.mark.parametrize("tokens", [1, 8, 24, 64])  # 24: a partly filled 32-row tile
 @pytest.mark.parametrize("fmt", ["int8", "int8-block64", "int4-g32", "int4-g64", "int4-g128", "int4-g64-asym"])
 def test_quant_gemv_matches_reference(fmt, tokens):
-    from workbench.kernels.quant_gemv import quant_gemv
+    """Every launch config the tuner may pick, not only the one it picked on this machine."""
+    from workbench.kernels.quant_gemv import launch_candidates, quant_gemv
     from workbench.ops.formats import reference_matmul
     from workbench.policy import WEIGHT_FORMATS, parse_precision
     torch.manual_seed(0)
@@ -92,7 +93,10 @@ def test_quant_gemv_matches_reference(fmt, tokens):
     w = (torch.randn(1536, 4096, device="cuda") * 0.02).to(torch.bfloat16)
     packed = WEIGHT_FORMATS.get(spec.format).quantize(w, spec)
     x = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16)
-    _close(quant_gemv(x, packed.tensors), reference_matmul(packed, x.float()).float())
+    want = reference_matmul(packed, x.float()).float()
+    _close(quant_gemv(x, packed.tensors), want)
+    for config in launch_candidates(tokens, 1536, 4096, 8 if fmt.startswith("int8") else 4, x.device):
+        _close(quant_gemv(x, packed.tensors, config=config), want)
 
 
 @pytest.mark.parametrize("d", [576, 4096, 14336])
@@ -229,3 +233,48 @@ def test_lora_on_cuda_trains_merges_and_gets_its_kernels_back(precision):
     assert engine.generate(["hello"], max_new_tokens=4) is not None
     kernels = [m.kernel for m in engine.model.modules() if getattr(m, "is_workbench_linear", False)]
     assert kernels and all(kernels)  # every merged layer got its Triton kernel back
+
+
+@pytest.mark.parametrize("precision", ["none", "int8"])
+def test_graphed_prefill_equals_the_eager_prefill(precision):
+    """Bucketed, padded and replayed from a graph: the same logits and the same cache as the eager pass."""
+    from workbench import Engine, Policy
+    from workbench.decode import Decoder, GraphedPrefill, SlotKVCache
+    engine = Engine.from_pretrained("synthetic:smollm2-135m", device="cuda", dtype=torch.bfloat16,
+                                    policy=Policy.uniform(0.0, precision=precision))
+    decoder = Decoder(engine.model)
+    eager, graphed = (SlotKVCache.for_model(engine.model, 8, 256) for _ in range(2))
+    prefill = GraphedPrefill(decoder, graphed)
+    g = torch.Generator().manual_seed(0)
+    cases = [([0, 1, 2], [70, 5, 33]), ([3, 4, 5, 6, 7], [12, 50, 64, 2, 30]), ([0, 1, 2], [80, 7, 40]),
+             ([3, 4, 5, 6, 7], [12, 100, 64, 2, 90]), ([3], [1])]
+    # 5 prompts: bucket 6 (a repeated row); the third case replays the first's bucket; the fourth is past
+    # max_tokens (6 x 128) and runs eager
+    with torch.inference_mode(), engine._dense_prefill():
+        for slots, lengths in cases:
+            prompts = [torch.randint(0, 1000, (n,), generator=g).cuda() for n in lengths]
+            want = decoder.prefill_batch(eager, slots, prompts)
+            got = prefill(graphed, slots, prompts)
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+            for slot, n in zip(slots, lengths):
+                assert graphed.host_lengths[slot] == eager.host_lengths[slot] == n
+                for a, b in zip(eager.keys + eager.values, graphed.keys + graphed.values):
+                    torch.testing.assert_close(b[slot, :, :n], a[slot, :, :n], rtol=2e-2, atol=2e-2)
+    assert sorted(prefill.graphs) == [(1, 1), (3, 128), (6, 64)]
+
+
+def test_scheduler_on_gpu_answers_every_request_as_sequential_greedy():
+    """Graphed prefill and graphed decode step under continuous batching: each answer is its own."""
+    from workbench import Engine
+    from workbench.decode import GraphedPrefill, SamplingParams
+    from workbench.scheduler import Scheduler
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cuda", dtype=torch.float32)
+    prompts = [f"prompt number {i} " + "word " * (i % 7) for i in range(20)]
+    lengths = [3 + (i % 4) * 3 for i in range(len(prompts))]
+    expected = [engine.generate([p], max_new_tokens=n, chat=False)[0] for p, n in zip(prompts, lengths)]
+    with Scheduler(engine, max_num_seqs=6) as scheduler:
+        assert scheduler.warm_up(64) > 0 and isinstance(scheduler._prefill, GraphedPrefill)
+        requests = [scheduler.submit(p, SamplingParams(max_new_tokens=n), chat=False) for p, n in zip(prompts, lengths)]
+        assert [r.result(timeout=120)["text"] for r in requests] == expected
+        assert scheduler.prefills < len(prompts)

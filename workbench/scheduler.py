@@ -151,7 +151,7 @@ class Scheduler:
         self._jobs: list = []  # callables the loop runs between two iterations (profiling)
         self._closed = False
         self._cache: SlotKVCache | None = None
-        self._decoder = self._step = None
+        self._decoder = self._step = self._prefill = None
         self.busy_s = 0.0  # time spent stepping (the controller's busy fraction reads it)
         self.prefill_s = self.decode_s = 0.0  # of which prefilling prompts, and decode steps (both synced)
         self.steps = 0
@@ -213,11 +213,47 @@ class Scheduler:
         then the scheduler's policy is restored. Like a serving engine's profiling run: the controller
         reads it to know, before serving under a rung, whether that rung decodes faster at all."""
         batch = batch or self.max_num_seqs
+        times = self._in_loop(lambda: self._profile(list(policies), batch, steps, prompt_tokens), timeout)
+        self.profiled_ms.update({(name, batch): ms for name, ms in times.items()})
+        return times
+
+    def warm_up(self, max_prompt_tokens: int, timeout: float | None = None) -> int:
+        """Capture the prefill graphs (GPU) of every bucket up to `max_prompt_tokens` and every batch the
+        slots and the prefill budget allow, on free slots, so that no request pays for a capture later;
+        returns how many buckets were captured (none on a CPU). Load tests call it before timing."""
+        return self._in_loop(lambda: self._warm_up(max_prompt_tokens), timeout)
+
+    def _warm_up(self, max_prompt_tokens: int) -> int:
+        from workbench.decode import GraphedPrefill
+        _, cache, _ = self._state()
+        prefill = self._prefill
+        if not isinstance(prefill, GraphedPrefill):
+            return 0
+        before = len(prefill.graphs)
+        lengths = sorted({prefill.bucket(1, n)[1] for n in range(2, min(max_prompt_tokens, cache.capacity) + 1)})
+        for t in lengths:
+            for b in prefill.BATCHES:
+                n = min(b, cache.free_slots)  # a bucket wider than the free slots is reached by n prompts
+                if n < 1 or prefill.bucket(n, t)[0] != b or b * t > prefill.max_tokens:
+                    break
+                slots = [cache.acquire() for _ in range(n)]
+                try:
+                    with self.engine._dense_prefill():
+                        prefill(cache, slots, [torch.ones(t, dtype=torch.long, device=cache.lengths.device)] * n)
+                finally:
+                    for slot in slots:
+                        cache.release(slot)
+                if b * t >= self.prefill_budget:  # the budget admits no wider batch of this length
+                    break
+        return len(prefill.graphs) - before
+
+    def _in_loop(self, fn, timeout: float | None):
+        """Run `fn` on the scheduler's thread between two iterations (it owns the engine); its result."""
         done, box = threading.Event(), {}
 
         def job():
             try:
-                box["ms"] = self._profile(list(policies), batch, steps, prompt_tokens)
+                box["result"] = fn()
             except Exception as e:  # reported to the caller, never kills the loop
                 box["error"] = e
             finally:
@@ -230,13 +266,12 @@ class Scheduler:
         deadline = None if timeout is None else time.perf_counter() + timeout
         while not done.wait(0.1):
             if self._closed:
-                raise WorkbenchError("the scheduler shut down before profiling ran")
+                raise WorkbenchError("the scheduler shut down before the job ran")
             if deadline is not None and time.perf_counter() > deadline:
-                raise TimeoutError("profiling did not finish in time")
+                raise TimeoutError("the scheduler's job did not finish in time")
         if "error" in box:
             raise box["error"]
-        self.profiled_ms.update({(name, batch): ms for name, ms in box["ms"].items()})
-        return box["ms"]
+        return box["result"]
 
     def _profile(self, policies, batch: int, steps: int, prompt_tokens: int) -> dict[str, float]:
         from workbench.decode import Decoder, GraphedStep
@@ -269,7 +304,7 @@ class Scheduler:
                 del step, cache, decoder
         finally:
             self.engine.reconfigure(original)
-            self._decoder = self._step = None
+            self._decoder = self._step = self._prefill = None
         return times
 
     @property
@@ -335,21 +370,22 @@ class Scheduler:
     def _state(self):
         """Decoder, cache and step, built on first use and rebuilt after a policy change (the cache is
         kept: its keys and values stay valid)."""
-        from workbench.decode import Decoder, GraphedStep
+        from workbench.decode import Decoder, GraphedPrefill, GraphedStep
         if self._decoder is None:
             self._decoder = Decoder(self.engine.model)
             if self._cache is None:
                 self._cache = SlotKVCache.for_model(self.engine.model, self.max_num_seqs, self.max_model_len)
-            self._step = self._decoder.step
+            self._step, self._prefill = self._decoder.step, self._decoder.prefill_batch
             if self.engine.use_cuda_graphs and not self._decoder.sparse_attention:
                 self._step = GraphedStep(self._decoder, self._cache)
+                self._prefill = GraphedPrefill(self._decoder, self._cache)
         return self._decoder, self._cache, self._step
 
     def _apply(self, policy) -> None:
         try:
             self.engine.reconfigure(policy)
         finally:
-            self._decoder = self._step = None  # it may hold replaced modules
+            self._decoder = self._step = self._prefill = None  # it may hold replaced modules
             self._policy_applied.set()
         if self.metrics:
             self.metrics.policy_changed(self.engine.policy)
@@ -387,7 +423,7 @@ class Scheduler:
         t0, device = time.perf_counter(), cache.lengths.device
         prompts = [torch.tensor(r.seq.prompt_ids, dtype=torch.long, device=device) for r in admitted]
         with self.engine._dense_prefill():
-            logits = decoder.prefill_batch(cache, [r.seq.slot for r in admitted], prompts)
+            logits = self._prefill(cache, [r.seq.slot for r in admitted], prompts)
         self.prefills += 1
         for r, row in zip(admitted, logits):
             self.running.append(r)

@@ -128,6 +128,19 @@ def tinygemm_pack(tensors: dict) -> tuple | None:
         return None
 
 
+def launch_candidates(m: int, n: int, k: int, bits: int, device) -> list[dict]:
+    """The launch configs the tuner times for an (m x k) @ (k x n) problem (every one is tested)."""
+    default_k = 128 if bits == 8 else 256
+    if m <= 16:
+        shapes = ((16, default_k, 4), (32, default_k, 4), (64, default_k, 8), (16, 2 * default_k, 4),
+                  (32, 2 * default_k, 8))
+    else:  # 32 or 64 token rows: output tiles of 64+ (narrower ones miscompute for int4 at 64 rows)
+        shapes = ((64, default_k // 2, 4), (64, default_k, 8), (128, default_k // 2, 8))
+    sms = sm_count(device)
+    return [dict(split=s, block_n=bn, block_k=bk, warps=w) for bn, bk, w in shapes
+            for s in split_for(triton.cdiv(n, bn), triton.cdiv(k, bk), sms)]
+
+
 def quant_gemv(x: torch.Tensor, tensors: dict, config: dict | None = None, tinygemm: tuple | None = None) -> torch.Tensor:
     """x (M, K) with M <= 64, bf16/fp16 -> (M, N) in x's dtype, for int8 / int8-block / int4 tensors.
 
@@ -159,14 +172,7 @@ def quant_gemv(x: torch.Tensor, tensors: dict, config: dict | None = None, tinyg
         return y.to(x.dtype) if atomic else y
 
     if config is None:
-        sms = sm_count(x.device)
-        shapes = ((16, default_k, 4), (32, default_k, 4), (64, default_k, 8), (16, 2 * default_k, 4),
-                  (32, 2 * default_k, 8))
-        if block_m > 16:  # a bigger token tile: wider output tiles and shorter K steps keep registers in bounds
-            shapes = ((32, default_k // 2, 4), (64, default_k // 2, 4), (64, default_k, 8), (128, default_k // 2, 8),
-                      (32, default_k, 4))
-        candidates = [dict(split=s, block_n=bn, block_k=bk, warps=w) for bn, bk, w in shapes
-                      for s in split_for(triton.cdiv(n, bn), triton.cdiv(k, bk), sms)]
+        candidates = launch_candidates(m, n, k, bits, x.device)
         if tinygemm is not None and x.dtype == torch.bfloat16:
             candidates.append(dict(impl="tinygemm"))
         config = tuned(("quant_gemv", bits, group, minimum is not None, m, n, k, x.dtype, tinygemm is not None),
