@@ -440,7 +440,7 @@ class GraphedPrefill:
     """`decoder.prefill_batch` captured in CUDA graphs, one per (batch, length) bucket.
 
     On a GPU a small prefill is bound by the host launching the model's kernels one at a time: for an
-    8B model one 128-token prompt takes about 25 ms of which about 8 are GPU work, so while requests
+    8B model one 128-token prompt takes about 18 ms of which about 9 are GPU work, so while requests
     arrive one by one, prefills rather than decode steps set the pace. A replay is one launch. Prompts
     are padded up to the bucket (see `padded_batch`); a bucket is captured on first use, after one
     eager run that also does the real work, so the first call of each shape costs more. Call it inside
@@ -453,8 +453,9 @@ class GraphedPrefill:
     def __init__(self, decoder: Decoder, cache: SlotKVCache, quantum: int = 64, max_tokens: int = 512):
         self.decoder, self.cache, self.quantum = decoder, cache, quantum
         # Beyond a few hundred tokens the GPU work outweighs the launches and the bucket's padding costs
-        # more than the graph saves (Llama-3-8B shape on an H200: 1 x 128 tokens 19 -> 10.5 ms; 4 x 128
-        # 20.7 -> 18.2 ms; 10 x 192 padded to 12 x 192: 57.8 -> 65.6 ms): those run eager.
+        # more than the graph saves (Llama-3-8B shape on an H200, experiments/serving/prefill_h200.json:
+        # 1 x 128 tokens 18.0 -> 8.9 ms; 4 x 128 18.8 -> 16.6 ms; 10 x 192 padded to 12 x 192
+        # 56.8 -> 65.1 ms): those run eager.
         self.max_tokens = max_tokens
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool = None
