@@ -339,10 +339,10 @@ class Scheduler:
                         break
                     policy, self._pending_policy = self._pending_policy, None
                     jobs, self._jobs = self._jobs, []
-                t0 = time.perf_counter()
                 with self.engine._lock, torch.inference_mode():
-                    for job in jobs:
+                    for job in jobs:  # profiling, warm-up: not serving, so not in busy_s
                         job()
+                    t0 = time.perf_counter()
                     if policy is not None:
                         self._apply(policy)
                     self._drop_cancelled()
