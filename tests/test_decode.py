@@ -16,7 +16,7 @@ def hf_greedy(engine: Engine, prompt: str, n: int) -> list[int]:
     out = engine.model.generate(**batch, max_new_tokens=n, do_sample=False, temperature=None, top_p=None,
                                 top_k=None, pad_token_id=engine.tokenizer.pad_token_id)
     tokens = out[0, batch["input_ids"].shape[1]:].tolist()
-    return tokens[:-1] if tokens and tokens[-1] in engine._eos_ids() else tokens
+    return tokens[:-1] if tokens and tokens[-1] in engine.eos_ids() else tokens
 
 
 def run(engine: Engine, prompts, slots: int, params: SamplingParams, capacity: int = 128) -> list[Sequence]:
@@ -24,7 +24,7 @@ def run(engine: Engine, prompts, slots: int, params: SamplingParams, capacity: i
     cache = SlotKVCache.for_model(engine.model, slots, capacity)
     seqs = [Sequence(engine.tokenizer(p, add_special_tokens=False)["input_ids"], params) for p in prompts]
     with torch.inference_mode():
-        for _ in decode_loop(decoder, cache, seqs, Finisher(engine._eos_ids(), None)):
+        for _ in decode_loop(decoder, cache, seqs, Finisher(engine.eos_ids(), None)):
             pass
     return seqs
 
@@ -47,7 +47,7 @@ def test_more_sequences_than_slots_join_as_slots_free():
             for p, n in zip(prompts, lengths)]
     in_flight = []
     with torch.inference_mode():
-        for _ in decode_loop(decoder, cache, seqs, Finisher(engine._eos_ids(), None)):
+        for _ in decode_loop(decoder, cache, seqs, Finisher(engine.eos_ids(), None)):
             in_flight.append(sum(s.slot is not None for s in seqs))
     assert max(in_flight) == 2 and cache.free_slots == 2
     for prompt, seq, n in zip(prompts, seqs, lengths):
@@ -91,7 +91,8 @@ def test_finish_reasons_eos_stop_and_length():
     text = engine.tokenizer.decode(free)
     stop = text[1:3] if len(text) > 3 else text
     out = engine.generate(["abc"], max_new_tokens=6, stop=[stop])[0]
-    assert out.endswith(stop) and len(out) <= len(text)
+    assert out == text[:text.index(stop)]  # OpenAI's rule: the stop string is not returned
+    assert "".join(engine.stream("abc", max_new_tokens=6, stop=[stop])) == out
 
 
 def test_sampling_with_a_seed_repeats_and_top_k_one_is_greedy():
@@ -124,6 +125,7 @@ def test_other_architectures_say_why_and_use_transformers():
 
 @pytest.mark.slow
 def test_default_model_greedy_equals_transformers(default_engine):
-    prompt = default_engine._render("Write a haiku about the sea.", None)
+    from workbench.tokens import render_chat
+    prompt = render_chat(default_engine.tokenizer, [{"role": "user", "content": "Write a haiku about the sea."}])
     seq = run(default_engine, [prompt], 1, SamplingParams(max_new_tokens=40), capacity=256)[0]
     assert len(seq.tokens) > 10 and seq.tokens == hf_greedy(default_engine, prompt, 40)

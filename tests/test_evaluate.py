@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from workbench import Engine, InputError
-from workbench.evaluate import compare_logits, corpus_split, evaluate, pydoc_topics, token_windows, topic_names
+from workbench.corpus import corpus_split, pydoc_topics, token_windows, topic_names
+from workbench.evaluate import compare_logits, evaluate
 from workbench.synthetic import byte_tokenizer
 
 

@@ -158,6 +158,6 @@ def test_generation_with_adapters_attached_follows_the_adapted_model():
         tokens.append(int(nxt[0, -1].argmax()))
     (seq,) = engine._sequences(["some prompt"], False, engine._sampling(4, 0.0, 1.0, 0, None, None))
     with engine._lock:
-        for _ in engine._loop([seq]):
+        for _ in engine._loop([seq], engine.finisher()):
             pass
     assert seq.tokens and seq.tokens == tokens[:len(seq.tokens)]  # (an end-of-text token may end it early)

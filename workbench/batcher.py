@@ -15,6 +15,7 @@ import torch
 
 from workbench.errors import InputError
 from workbench.scheduler import QueueFull
+from workbench.tokens import encode_text
 
 
 class DynamicBatcher:
@@ -34,7 +35,7 @@ class DynamicBatcher:
         """A future of the per-token log-probabilities of `text` (each token given the ones before it)."""
         if not isinstance(text, str) or not text:
             raise InputError("the text to score must be a non-empty string")
-        ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = encode_text(self.engine.tokenizer, text)  # BOS first where the model uses one (not scored)
         if len(ids) < 2:
             raise InputError("the text to score needs at least two tokens")
         if len(ids) > self.max_tokens:

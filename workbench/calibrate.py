@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from workbench.corpus import load_text, token_windows
 from workbench.errors import PolicyError
+from workbench.progress import progress as bar
 from workbench.ops.sparsify import column_norms
 from workbench.policy import BLOCK_ROLES
 from workbench.roles import linear_modules
@@ -199,9 +201,6 @@ def calibrate(engine, tokens: int = DEFAULT_CALIBRATION_TOKENS, seq_len: int = 5
     >>> 0 < cal.for_module("model.layers.0.mlp.down_proj").threshold(0.5)
     True
     """
-    from tqdm.auto import tqdm
-
-    from workbench.evaluate import load_text, token_windows
     text, description = load_text(corpus, "calibration")
     windows = token_windows(engine.tokenizer, text, min(seq_len, engine.max_positions), tokens)
     targets = calibration_targets(engine.model)
@@ -215,7 +214,7 @@ def calibrate(engine, tokens: int = DEFAULT_CALIBRATION_TOKENS, seq_len: int = 5
         weighted[fqn] += _histogram(a.float() * norms[fqn].to(a.device))
 
     with input_hooks(targets, record), engine.reference():
-        for window in tqdm(windows, desc="calibrating", unit="window", disable=not progress):
+        for window in bar(windows, desc="calibrating", unit="window", enabled=progress):
             engine.forward(window[None])
     modules = {fqn: ModuleCalibration(fqn, hists[fqn], weighted[fqn]) for fqn, _ in targets}
     meta = {"model": engine.name, "corpus": description, "tokens": sum(len(w) for w in windows),

@@ -194,7 +194,7 @@ def _auto_precision(engine, base, budget_bits: float):
 
     from workbench.mixed_precision import auto_policy
     from workbench.sensitivity import cached_scan
-    auto = auto_policy(cached_scan(engine, progress=sys.stderr.isatty()), budget_bits=budget_bits)
+    auto = auto_policy(cached_scan(engine, progress=True), budget_bits=budget_bits)  # 14+ min the first time
     rules = tuple(dataclasses.replace(r, setting=dataclasses.replace(base.default, weights=r.setting.weights))
                   for r in auto.rules)
     return dataclasses.replace(base, rules=base.rules + rules, name=f"{auto.name}+{base.name}")
@@ -244,7 +244,7 @@ def cmd_eval(args) -> int:
         raise InputError(f"--max-tokens must be a positive integer, got {args.max_tokens}")
     engine = _engine(args)
     result = evaluate(engine, corpus=args.corpus, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                      progress=not args.json and sys.stderr.isatty())
+                      progress=not args.json)
     if args.json:
         print(json.dumps(result))
     else:

@@ -22,13 +22,13 @@ import torch
 from workbench.errors import InputError, PolicyError
 from workbench.models import LoadedModel, load, model_summary
 from workbench.policy import Policy
+from workbench.tokens import Prompt, encode_prompt
 from workbench.transforms import apply_policy, bypassed, unwrap, wrappers
 
 log = logging.getLogger(__name__)
 
-Prompt = str | Sequence[dict]
 CACHE_QUANTUM = 256  # KV capacity is rounded up to this, so captured decode graphs get reused
-MAX_SLOTS = 64  # sequences decoded together by `generate`; more wait for a free slot  # a plain string, or chat messages [{"role": ..., "content": ...}]
+MAX_SLOTS = 64  # sequences decoded together by `generate`; more wait for a free slot
 
 
 class Engine:
@@ -170,29 +170,29 @@ class Engine:
             raise InputError(f"model {self.name!r} has no chat template; pass chat=False")
         return has_template if chat is None else chat
 
-    def encode(self, prompts: Sequence[Prompt], chat: bool | None = None) -> dict[str, torch.Tensor]:
-        """Left-padded input_ids and attention_mask for a batch of prompts."""
+    def token_ids(self, prompts: Sequence[Prompt], chat: bool | None = None) -> list[list[int]]:
+        """Each prompt's token ids as the model expects them (`workbench.tokens`: BOS where the model
+        uses one, a chat template's own tokens), never empty."""
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
             raise InputError("prompts must be a non-empty list of strings or chat message lists")
-        texts = [self._render(p, chat) for p in prompts]
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        if batch["input_ids"].shape[1] == 0:
-            raise InputError("prompt is empty after tokenization")
-        return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+        rows = []
+        for p in prompts:
+            row = encode_prompt(self.tokenizer, p, isinstance(p, str) and self.uses_chat_template(chat))
+            if not row:
+                raise InputError("prompt is empty after tokenization")
+            rows.append(row)
+        return rows
 
-    def _render(self, prompt: Prompt, chat: bool | None) -> str:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InputError("prompt is empty")
-            if not self.uses_chat_template(chat):
-                return prompt
-            prompt = [{"role": "user", "content": prompt}]
-        if not isinstance(prompt, Sequence) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                       for m in prompt):
-            raise InputError("a chat prompt must be a list of {'role': ..., 'content': ...} messages")
-        if not getattr(self.tokenizer, "chat_template", None):
-            return "\n".join(m["content"] for m in prompt)
-        return self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+    def encode(self, prompts: Sequence[Prompt], chat: bool | None = None) -> dict[str, torch.Tensor]:
+        """Left-padded input_ids and attention_mask for a batch of prompts."""
+        rows = self.token_ids(prompts, chat)
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     # ---- compute ---------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -224,35 +224,46 @@ class Engine:
         params = self._sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
         if self.decode_path == "workbench":
             seqs = self._sequences(prompts, chat, params)
+            finisher = self.finisher()
             with self._lock:
-                for _ in self._loop(seqs):
+                for _ in self._loop(seqs, finisher):
                     pass
-            return [self._completion(s) for s in seqs]
+            return [finisher.visible(s) for s in seqs]
         batch = self.encode(prompts, chat)
         kwargs = self._generation_kwargs(batch, params)
         with self._lock, self._dense_prefill():
             out = self.model.generate(**batch, **kwargs)
         new = out[:, batch["input_ids"].shape[1]:]
-        return self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [_cut_at_stop(text, params.stop) for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, chat: bool | None = None,
                stop: Sequence[str] | None = None) -> Iterator[str]:
         """Yield the completion of one prompt piece by piece as it is generated."""
         params = self._sampling(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        shown = ""
+        for text in self._texts(prompt, chat, params):
+            if text.startswith(shown) and len(text) > len(shown):
+                yield text[len(shown):]
+                shown = text
+
+    def _texts(self, prompt: Prompt, chat: bool | None, params) -> Iterator[str]:
+        """The visible completion after each step (never a stop string, nor half a character)."""
+        from workbench.decode import held_back
         if self.decode_path == "workbench":
             (seq,) = self._sequences([prompt], chat, params)
-            shown = ""
+            finisher = self.finisher()
             with self._lock:
-                for _ in self._loop([seq]):
-                    text = self._completion(seq)
-                    if text.endswith("\ufffd") and not seq.finished:  # half a multi-byte character: wait
-                        continue
-                    if text.startswith(shown) and len(text) > len(shown):
-                        yield text[len(shown):]
-                        shown = text
+                for _ in self._loop([seq], finisher):
+                    yield finisher.visible(seq)
             return
-        yield from self._hf_stream(prompt, chat, params)
+        text = ""
+        for piece in self._hf_stream(prompt, chat, params):
+            text += piece
+            if _cut_at_stop(text, params.stop) != text:
+                break
+            yield held_back(text, params.stop)
+        yield _cut_at_stop(text, params.stop)
 
     # ---- the decode loop -------------------------------------------------------------------------------
     @property
@@ -272,20 +283,14 @@ class Engine:
         from workbench.decode import SamplingParams
         if stop is not None and (isinstance(stop, str) or not all(isinstance(x, str) and x for x in stop)):
             raise InputError("stop must be a list of non-empty strings")
-        params = SamplingParams(max_new_tokens, float(temperature), float(top_p), top_k or 0, seed,
-                                tuple(stop or ()))
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k or 0, seed, tuple(stop or ()))
         params.validate()
         return params
 
     def _sequences(self, prompts, chat, params) -> list:
         from workbench.decode import Sequence as Seq
-        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
-            raise InputError("prompts must be a non-empty list of strings or chat message lists")
-        texts = [self._render(p, chat) for p in prompts]
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = self.token_ids(prompts, chat)
         for row in ids:
-            if not row:
-                raise InputError("prompt is empty after tokenization")
             self._check_context(len(row), params.max_new_tokens)
         return [Seq(list(row), params) for row in ids]
 
@@ -312,29 +317,29 @@ class Engine:
             self._decode_states[key] = (decoder, cache, step)
         return self._decode_states[key]
 
-    def _loop(self, seqs: list):
-        from workbench.decode import Finisher, decode_loop
+    def _loop(self, seqs: list, finisher):
+        from workbench.decode import decode_loop
         longest = max(len(s.prompt_ids) for s in seqs) + seqs[0].params.max_new_tokens
         capacity = min(self.max_positions, -(-longest // CACHE_QUANTUM) * CACHE_QUANTUM)
         slots = min(len(seqs), MAX_SLOTS)
         decoder, cache, step = self.decode_state(slots, capacity)
-        finisher = Finisher(self._eos_ids(), lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
         t0 = time.perf_counter()
         with torch.inference_mode():
             yield from decode_loop(decoder, cache, seqs, finisher, step, self._dense_prefill)
         self.last_latency_ms = (time.perf_counter() - t0) * 1e3
 
-    def _eos_ids(self) -> set[int]:
+    def finisher(self):
+        """The stop rule of this model's sequences (its end tokens, stop strings, budgets) and the text
+        a client may see of them."""
+        from workbench.decode import Finisher
+        return Finisher(self.eos_ids(), lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def eos_ids(self) -> set[int]:
         ids = set()
         for source in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
             if source is not None:
                 ids.update(source if isinstance(source, (list, tuple)) else [source])
         return ids
-
-    def _completion(self, seq) -> str:
-        if seq.finish_reason == "stop":
-            return seq.text
-        return self.tokenizer.decode(seq.tokens, skip_special_tokens=True)
 
     # ---- transformers' generate (architectures the decode loop does not cover) -------------------------
     def _hf_stream(self, prompt, chat, params) -> Iterator[str]:
@@ -371,6 +376,8 @@ class Engine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if params.presence_penalty or params.frequency_penalty:
+            kwargs["logits_processor"] = [_Penalties(params, batch["input_ids"].shape[1])]
         return kwargs
 
     @contextlib.contextmanager
@@ -395,3 +402,25 @@ class Engine:
             facts.update(model=self.name, policy=self.policy.name, architecture=model_summary(self.model),
                          last_forward_ms=self.last_latency_ms, attention_recall=attention_recall(self.model))
             return facts
+
+
+def _cut_at_stop(text: str, stops) -> str:
+    """transformers' `generate` keeps the stop string; the workbench returns the text before it."""
+    from workbench.decode import first_stop
+    at = first_stop(text, tuple(stops))
+    return text if at is None else text[:at]
+
+
+class _Penalties:
+    """OpenAI's presence and frequency penalties as a transformers logits processor (completion only)."""
+
+    def __init__(self, params, prompt_len: int):
+        self.params, self.prompt_len = params, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for row in range(scores.shape[0]):
+            done = input_ids[row, self.prompt_len:]
+            if done.numel():
+                ids, counts = done.unique(return_counts=True)
+                scores[row, ids] -= self.params.presence_penalty + self.params.frequency_penalty * counts.to(scores.dtype)
+        return scores

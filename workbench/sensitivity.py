@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
+from workbench.corpus import load_text, token_windows
 from workbench.errors import InputError, PolicyError
-from workbench.evaluate import compare_logits, load_text, token_windows
+from workbench.evaluate import compare_logits
 from workbench.policy import BLOCK_ROLES, WEIGHT_FORMATS, Policy, Rule, Setting, parse_precision
+from workbench.progress import progress as bar
 from workbench.roles import layer_index, linear_modules
 
 SENSITIVITY_VERSION = 1
@@ -102,7 +104,6 @@ def scan(engine, formats=DEFAULT_FORMATS, granularity: str = "module", tokens: i
     >>> sorted(s.kld)
     ['layer0', 'layer1']
     """
-    from tqdm.auto import tqdm
     for f in formats:
         parse_precision(f)  # fail on a bad name before any work
     text, description = load_text(None, "calibration")
@@ -117,7 +118,7 @@ def scan(engine, formats=DEFAULT_FORMATS, granularity: str = "module", tokens: i
     sizes: dict[str, dict[str, int]] = {u: {} for u in units}
     jobs = [(u, f) for u in units for f in formats]
     try:
-        for unit, fmt in tqdm(jobs, desc=f"sensitivity ({granularity})", disable=not progress):
+        for unit, fmt in bar(jobs, desc=f"sensitivity ({granularity})", unit="scan", enabled=progress):
             spec = parse_precision(fmt)
             entry = WEIGHT_FORMATS.get(spec.format)
             try:

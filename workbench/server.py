@@ -6,7 +6,13 @@
     GET  /v1/models, /health, /metrics (Prometheus)
 
 Errors use OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 for an invalid request,
-401 without the API key when one is set, 404 for an unknown model, 429 when the queue is full. Every
+401 without the API key when one is set, 404 for an unknown model, 413 for a body over 1 MiB, 429 when
+the queue is full, 500 (naming the request id, whose traceback is in the log) when serving one request
+failed; the others go on. `/health` answers 503 once the decode loop itself has died.
+
+Sampling defaults are the model's own where its generation config sets them (temperature, top_p,
+top_k, as vLLM reads them), else OpenAI's: temperature 1.0, top_p 1.0. Send "temperature": 0 for the
+greedy answer the CLI gives. Every
 response carries a `workbench` field: the policies it was served under, queue time, time to first token.
 A client that goes away cancels its request, and its cache slot is free before the next decode step.
 """
@@ -14,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import math
 import time
 import uuid
 
@@ -22,9 +30,11 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from workbench.decode import SamplingParams
-from workbench.errors import InputError
+from workbench.decode import SEED_RANGE, SamplingParams
+from workbench.errors import InputError, WorkbenchError
 from workbench.scheduler import QueueFull
+
+log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "stop", "stream", "seed", "n",
@@ -46,25 +56,52 @@ class APIError(Exception):
 
 
 def _field(body: dict, name: str, kinds, default=None, check=None, message: str = ""):
-    """A typed request field: wrong types and values are a 400 naming the field."""
+    """A typed request field: wrong types and values (NaN and infinities included) are a 400 naming it."""
     value = body.get(name, default)
     if value is None:
         return default
-    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-        raise APIError(400, f"'{name}' must be {message or kinds}", param=name)
-    if not isinstance(value, kinds) or (check is not None and not check(value)):
-        raise APIError(400, f"'{name}' must be {message or kinds}, got {json.dumps(value)[:60]}", param=name)
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    bad = (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds) or (
+        isinstance(value, float) and not math.isfinite(value)) or (check is not None and not check(value))
+    if bad:
+        raise APIError(400, f"'{name}' must be {message or kinds}, got {_short(value)}", param=name)
     return value
 
 
-def _sampling(body: dict, max_tokens_field: str = "max_tokens") -> tuple[SamplingParams, bool]:
+def _short(value) -> str:
+    try:
+        return json.dumps(value)[:60]
+    except (TypeError, ValueError):
+        return type(value).__name__
+
+
+def sampling_defaults(engine) -> dict:
+    """The model's own sampling defaults where its generation config sets them (as vLLM reads them),
+    else OpenAI's (temperature 1.0, top_p 1.0, no top-k)."""
+    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    config = getattr(engine.model, "generation_config", None)
+    explicit = config.to_diff_dict() if config is not None and hasattr(config, "to_diff_dict") else {}
+    for key in defaults:
+        value = explicit.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            defaults[key] = value
+    return defaults
+
+
+def _sampling(body: dict, max_tokens_field: str = "max_tokens", defaults: dict | None = None
+              ) -> tuple[SamplingParams, bool]:
+    d = defaults or {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
     max_tokens = _field(body, max_tokens_field, int, 16, lambda v: v >= 1, "a positive integer")
     if max_tokens_field != "max_tokens":
         max_tokens = _field(body, "max_tokens", int, max_tokens, lambda v: v >= 1, "a positive integer")
-    temperature = _field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")
-    top_p = _field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
-    top_k = _field(body, "top_k", int, 0, lambda v: v >= 0, "a non-negative integer")
-    seed = _field(body, "seed", int, None, None, "an integer")
+    temperature = _field(body, "temperature", (int, float), d["temperature"], lambda v: 0 <= v <= 2,
+                         "a number in [0, 2]")
+    top_p = _field(body, "top_p", (int, float), d["top_p"], lambda v: 0 < v <= 1, "a number in (0, 1]")
+    top_k = _field(body, "top_k", int, d["top_k"], lambda v: v >= 0, "a non-negative integer")
+    seed = _field(body, "seed", int, None, lambda v: SEED_RANGE[0] <= v <= SEED_RANGE[1],
+                  "an integer in [-2**63, 2**64 - 1]")
+    penalties = {name: float(_field(body, name, (int, float), 0.0, lambda v: -2 <= v <= 2, "a number in [-2, 2]"))
+                 for name in ("presence_penalty", "frequency_penalty")}
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -76,10 +113,32 @@ def _sampling(body: dict, max_tokens_field: str = "max_tokens") -> tuple[Samplin
     if body.get("logprobs") not in (None, False, 0) or body.get("echo"):
         raise APIError(400, "logprobs and echo are not supported; use /v1/score for log-probabilities",
                        param="logprobs")
+    if body.get("logit_bias") not in (None, {}) or body.get("suffix") not in (None, ""):
+        raise APIError(400, "logit_bias and suffix are not supported", param="logit_bias")
     stream = _field(body, "stream", bool, False, None, "a boolean")
     params = SamplingParams(max_new_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
-                            top_k=top_k, seed=seed, stop=tuple(stop or ()))
+                            top_k=top_k, seed=seed, stop=tuple(stop or ()), **penalties)
+    try:
+        params.validate()
+    except InputError as e:
+        raise APIError(400, str(e)) from None
     return params, stream
+
+
+def _check_text(value, where: str = "body") -> None:
+    """Strings must be encodable: JSON can spell a lone surrogate ("\\ud800"), which no tokenizer takes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, f"{where} holds a lone Unicode surrogate, which is not text") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, where)
+            _check_text(v, f"'{k}'" if where == "body" else where)
+    elif isinstance(value, list):
+        for v in value:
+            _check_text(v, where)
 
 
 class Server:
@@ -88,6 +147,7 @@ class Server:
     def __init__(self, scheduler, model_name: str, api_key: str | None = None, batcher=None, metrics=None):
         self.scheduler, self.model_name, self.api_key = scheduler, model_name, api_key
         self.batcher, self.metrics = batcher, metrics
+        self.defaults = sampling_defaults(scheduler.engine)
         self.app = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.prometheus, methods=["GET"]),
@@ -109,17 +169,31 @@ class Server:
             raise APIError(401, "a valid API key is required (Authorization: Bearer ...)", code="invalid_api_key")
 
     async def _body(self, request: HTTPRequest, fields: set[str]) -> dict:
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise APIError(400, f"request body over {MAX_BODY_BYTES} bytes")
+        too_big = APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="payload_too_large")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():  # read no more than the limit, whatever the header says
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise too_big
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             body = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise APIError(400, "the request body is not UTF-8") from None
         except json.JSONDecodeError as e:
             raise APIError(400, f"the request body is not valid JSON ({e.msg} at position {e.pos})") from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
+        try:
+            _check_text(body)
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply") from None
         unknown = sorted(set(body) - fields)
         if unknown:
             raise APIError(400, f"unknown field(s): {', '.join(unknown)}", param=unknown[0])
@@ -139,12 +213,23 @@ class Server:
             return APIError(429, str(e), kind="rate_limit_error", code="queue_full").response()
         except InputError as e:
             return APIError(400, str(e)).response()
+        except WorkbenchError as e:  # the scheduler is shut down or its loop died
+            return APIError(503, str(e), kind="server_error", code="unavailable").response()
+        except Exception as e:  # a bug serving this request: its client gets a JSON 500, the server goes on
+            ident = uuid.uuid4().hex[:12]
+            log.exception("error %s serving %s %s", ident, request.method, request.url.path)
+            return APIError(500, f"internal error {ident} ({type(e).__name__}); see the server log",
+                            kind="server_error", code="internal_error").response()
 
     # ---- routes ---------------------------------------------------------------------------------------------
     async def health(self, request):
         load = self.scheduler.load
-        return JSONResponse({"status": "ok", "model": self.model_name, "policy": self.scheduler.engine.policy.name,
-                             **load})
+        alive = self.scheduler.alive
+        body = {"status": "ok" if alive else "unhealthy", "model": self.model_name,
+                "policy": self.scheduler.engine.policy.name, **load}
+        if not alive:
+            body["error"] = self.scheduler.failure
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     async def prometheus(self, request):
         if self.metrics is None:
@@ -167,7 +252,7 @@ class Server:
                 raise APIError(400, "'prompt' must be a string (one prompt per request)", param="prompt")
             if not prompt:
                 raise APIError(400, "'prompt' is empty", param="prompt")
-            params, stream = _sampling(body)
+            params, stream = _sampling(body, defaults=self.defaults)
             return await self._generate(request, prompt, False, params, stream, chat=False)
         return await self._handle(request, fn)
 
@@ -182,7 +267,7 @@ class Server:
                                param="messages")
             if not any(m["content"] for m in messages):
                 raise APIError(400, "every message is empty", param="messages")
-            params, stream = _sampling(body, "max_completion_tokens")
+            params, stream = _sampling(body, "max_completion_tokens", self.defaults)
             messages = [{"role": m["role"], "content": m["content"]} for m in messages]
             return await self._generate(request, messages, True, params, stream, chat=True)
         return await self._handle(request, fn)
@@ -226,7 +311,7 @@ class Server:
             request.cancel()
             raise
         if request.error:
-            raise APIError(500, request.error, kind="server_error")
+            raise APIError(500, request.error, kind="server_error", code="request_failed")
         return JSONResponse(self._body_of(request, ident, created, is_chat))
 
     def _usage(self, request) -> dict:

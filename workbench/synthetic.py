@@ -38,8 +38,13 @@ SYNTHETIC_CONFIGS: dict[str, tuple[str, dict]] = {
     "tiny-gemma3": ("gemma3_text", dict(_TINY, head_dim=16)),
     "tiny-deepseek_v3": ("deepseek_v3", _TINY_MLA),
     "tiny-deepseek_v32": ("deepseek_v32", dict(_TINY_MLA, index_topk=8, index_head_dim=16, index_n_heads=4)),
+    # a Llama-3-like tokenizer: BOS before every text, a chat template that writes BOS itself
+    "bos-llama": ("llama", _TINY),
 }
 TINY_ARCHITECTURES = [n for n in SYNTHETIC_CONFIGS if n.startswith("tiny-")]
+BOS_MODELS = frozenset({"bos-llama"})
+BOS_CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def synthetic_config(name: str):
@@ -60,11 +65,15 @@ def build_synthetic(name: str, device: str = "cpu", dtype: torch.dtype = torch.f
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.generation_config.pad_token_id = config.pad_token_id
-    return model, byte_tokenizer()
+    return model, byte_tokenizer(bos=name in BOS_MODELS)
 
 
-def byte_tokenizer():
-    """A real `PreTrainedTokenizerFast` over the 256 bytes plus <s>, </s>, <pad> (ids 256-258)."""
+def byte_tokenizer(bos: bool = False):
+    """A real `PreTrainedTokenizerFast` over the 256 bytes plus <s>, </s>, <pad> (ids 256-258).
+
+    `bos=True`: it puts <s> before every text (as Llama 3's and Gemma's tokenizers do) and has a chat
+    template that writes <s> itself, the case where tokenizing a rendered chat with special tokens
+    would double the BOS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -74,6 +83,12 @@ def byte_tokenizer():
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
+    if bos:
+        from tokenizers import processors
+        core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                            special_tokens=[("<s>", 256)])
     tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     tok.padding_side = "left"
+    if bos:
+        tok.chat_template = BOS_CHAT_TEMPLATE
     return tok

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from workbench import Engine, Policy
-from workbench.evaluate import corpus_split, environment
+from workbench.corpus import corpus_split, token_windows
+from workbench.evaluate import environment
 
 
 def median_ms(engine, ids, repeats):
@@ -35,7 +36,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     engine = Engine.from_pretrained(args.model, device="cpu")
-    ids = engine.tokenizer(corpus_split("heldout"), return_tensors="pt")["input_ids"][:, :128]
+    ids = token_windows(engine.tokenizer, corpus_split("heldout"), 128, 128)[0][None]
     shapes = {"1_token": ids[:, :1], "128_tokens": ids}
     rows = []
     for rule, target in [("dense", 0.0), ("topk", 0.25), ("topk", 0.5), ("threshold", 0.25), ("threshold", 0.5),

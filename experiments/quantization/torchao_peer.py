@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from workbench import Engine, Policy
-from workbench.evaluate import compare_logits, corpus_split, environment
+from workbench.corpus import corpus_split, token_windows
+from workbench.evaluate import compare_logits, environment
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,7 +41,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=1024)
     args = ap.parse_args()
     engine = Engine.from_pretrained("default", device="cpu")
-    ids = engine.tokenizer(corpus_split("heldout"), return_tensors="pt")["input_ids"][:, : args.max_tokens]
+    ids = token_windows(engine.tokenizer, corpus_split("heldout"), args.max_tokens, args.max_tokens)[0][None]
     reference = engine.reference_logits(ids)
     rows = {"dense": score(engine.forward, ids, reference)}
     for label in ("int8", "int4-g64"):

@@ -15,7 +15,8 @@ import statistics
 from pathlib import Path
 
 from workbench import Engine
-from workbench.evaluate import environment, load_text
+from workbench.corpus import load_text
+from workbench.evaluate import environment
 from workbench.widgets import AttentionExplorer, PrecisionTuner, SparsityTuner
 
 
