@@ -60,11 +60,18 @@ def test_sensitivity_command_json(capsys):
     (["--precision", "auto"], "--precision auto needs --budget-bits"),
     (["--precision", "int8", "--budget-bits", "4"], "--budget-bits goes with --precision auto"),
     (["--precision", "auto", "--budget-bits", "1"], "below the smallest possible size"),
-    (["--precision", "int4-g256"], "int4-g256 cannot apply to model.layers.0.self_attn.q_proj"),
     (["--precision", "int4-g48"], "int4 group size must be one of"),
-    (["--head-precision", "int8-block32"], "cannot apply to lm_head"),
 ])
 def test_bad_precision_arguments(argv, message, capsys):
     assert main(["info", "--model", "synthetic:tiny-llama", "--device", "cpu", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_model_wide_formats_a_layer_cannot_take_fall_back_and_are_listed(capsys):
+    from workbench.cli import main
+    assert main(["info", "--model", "synthetic:tiny-llama", "--precision", "int4-g256",
+                 "--head-precision", "int8-block32"]) == 0
+    out = capsys.readouterr().out
+    assert "fallback model.layers.0.self_attn.q_proj: int4-g256 -> int4-g64 (its 64 input features" in out
+    assert "fallback lm_head: int8-block32 -> int8" in out

@@ -79,11 +79,12 @@ def test_bad_formats(text, message):
 def test_shape_errors_name_the_layer_and_leave_the_model_untouched(sample_ids):
     engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu", policy=Policy.uniform(precision="int8"))
     before = engine.forward(sample_ids)
+    # a rule naming modules is taken exactly or refused (model-wide settings fall back per layer instead)
     with pytest.raises(PolicyError, match=r"int4-g256 cannot apply to model\.layers\.0\.self_attn\.q_proj: its 64 "
                                           r"input features are not a multiple of the group size 256"):
-        engine.reconfigure(Policy.uniform(precision="int4-g256"))
+        engine.reconfigure(Policy.identity().with_rule("model.layers.*", weights=parse_precision("int4-g256")))
     with pytest.raises(PolicyError, match="shape .* is not a multiple of the 128x128 block"):
-        engine.reconfigure(Policy.uniform(precision="int8-block128"))
+        engine.reconfigure(Policy.identity().with_rule("re:layers", weights=parse_precision("int8-block128")))
     assert engine.policy.name == "int8" and torch.equal(engine.forward(sample_ids), before)
 
 
@@ -92,11 +93,9 @@ def test_every_architecture_quantizes_and_unwraps(tiny_name, label, sample_ids):
     engine = Engine.from_pretrained(tiny_name, device="cpu")
     dense = engine.forward(sample_ids)
     state = {k: v.clone() for k, v in engine.model.state_dict().items()}
-    try:
-        engine.reconfigure(Policy.uniform(precision=label))
-    except PolicyError as e:  # a block larger than a tiny layer is a correct refusal, with the layer named
-        assert "cannot apply to model.layers" in str(e)
-        return
+    engine.reconfigure(Policy.uniform(precision=label))  # layers a format does not fit fall back, named
+    for fqn, why in engine.stats()["fallbacks"].items():
+        assert why.startswith(f"{engine.policy.default.weights.label} -> ") and "model.layers" in fqn
     out = engine.forward(sample_ids)
     assert torch.isfinite(out).all()
     rel = (out - dense).norm() / dense.norm()
@@ -133,7 +132,9 @@ def test_tied_head_and_embedding_share_one_packed_table(sample_ids):
     assert stats["weight_bytes_by_format"]["int8"] == block + int8  # the shared table counted once
     assert torch.isfinite(engine.forward(sample_ids)).all()
     with pytest.raises(PolicyError, match="model.embed_tokens: an embedding needs a row-wise format"):
-        engine.reconfigure(Policy(rules=(Rule("role:embed", Setting(weights=parse_precision("int8-block32"))),)))
+        engine.reconfigure(Policy(rules=(Rule("model.embed_tokens", Setting(weights=parse_precision("int8-block32"))),)))
+    engine.reconfigure(Policy(rules=(Rule("role:embed", Setting(weights=parse_precision("int8-block32"))),)))
+    assert engine.stats()["fallbacks"]["model.embed_tokens"].startswith("int8-block32 -> int8 (an embedding needs")
 
 
 def test_keep_reference_false_releases_and_reloads(sample_ids):

@@ -222,7 +222,25 @@ def cmd_info(args) -> int:
     for fmt, n in stats["weight_bytes_by_format"].items():
         print(f"         {fmt:>10}: {n / 2**20:.1f} MiB")
     print(f"reference copy kept for live tuning: {stats['reference_bytes'] / 2**20:.1f} MiB")
+    for fqn, why in stats.get("fallbacks", {}).items():
+        print(f"fallback {fqn}: {why}")
+    if args.modules:
+        print()
+        print(format_modules(stats["modules"]))
     return 0
+
+
+def format_modules(modules: list[dict]) -> str:
+    """The per-module table of `info --modules`: name, role, format, parameters, bytes, sparsity."""
+    width = max([len(m["fqn"]) for m in modules] + [6])
+    lines = [f"{'module':<{width}} {'role':>6} {'format':>12} {'params':>10} {'bytes':>10} {'sparsity':>9}"]
+    for m in modules:
+        sp = m.get("achieved_sparsity")
+        target = m.get("sparsity_target") or 0
+        sparsity = f"{sp:.3f}" if sp is not None else (f"({target:.2f})" if target else "")
+        lines.append(f"{m['fqn']:<{width}} {m['role'] or '':>6} {m['format']:>12} {m['params']:>10} "
+                     f"{m['weight_bytes']:>10} {sparsity:>9}")
+    return "\n".join(lines)
 
 
 def cmd_generate(args) -> int:
@@ -481,6 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `workbench info --json | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 def _quiet_libraries() -> None:

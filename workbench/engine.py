@@ -43,6 +43,7 @@ class Engine:
         self.policy = Policy.identity()
         self.last_latency_ms: float | None = None
         self._dropped: set[str] = set()  # wrappers whose original weight was released (keep_reference=False)
+        self._owned = False  # CPU weights copied out of the file's memory map (done once, when lean)
         # packed weights by (original, format): switching back to a seen format needs no requantization;
         # off when the engine runs lean (keep_reference=False), where memory is the point
         self.store_cache: dict | None = {} if keep_reference else None
@@ -88,6 +89,7 @@ class Engine:
             self.policy = policy
             self.reset_stats()
             self._drop_references()
+            release_freed_memory()
 
     def _drop_references(self) -> None:
         """keep_reference=False: release original weights that a packed format has replaced."""
@@ -108,6 +110,20 @@ class Engine:
                 continue
             module.base.weight = nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
             self._dropped.add(fqn)
+        self._own_cpu_weights()
+
+    def _own_cpu_weights(self) -> None:
+        """Copy what is left on the CPU out of the weight file's memory map. A loaded safetensors file
+        stays mapped (and resident) while any tensor views it, so releasing the originals would
+        otherwise free nothing: measured on the default model with int8, 643 MiB resident either way."""
+        if self._owned or self.device.type != "cpu":
+            return
+        with torch.no_grad():
+            for module in self.model.modules():
+                for _, p in module.named_parameters(recurse=False):
+                    if p.device.type == "cpu":
+                        p.data = p.data.clone()
+        self._owned = True
 
     def _weight_used_elsewhere(self, weight, owner) -> bool:
         """True when a plain (unwrapped) layer still multiplies by `weight` (a tied lm_head, say)."""
@@ -400,8 +416,32 @@ class Engine:
             facts = weight_accounting(self.model)
             from workbench.sparse_attention import attention_recall
             facts.update(model=self.name, policy=self.policy.name, architecture=model_summary(self.model),
-                         last_forward_ms=self.last_latency_ms, attention_recall=attention_recall(self.model))
+                         last_forward_ms=self.last_latency_ms, attention_recall=attention_recall(self.model),
+                         fallbacks=dict(getattr(self.model, "workbench_fallbacks", {})),
+                         switch_cache_bytes=self._switch_cache_bytes())
+            facts["held_bytes"] = facts["weight_bytes"] + facts["reference_bytes"] + facts["switch_cache_bytes"]
             return facts
+
+    def _switch_cache_bytes(self) -> int:
+        """Packed weights kept for instant switching back to a format, beyond those the policy uses now."""
+        if not self.store_cache:
+            return 0
+        in_use = {id(m.store) for m in self.model.modules() if getattr(m, "store", None) is not None}
+        return sum(st.nbytes for st in {id(v): v for v in self.store_cache.values()}.values() if id(st) not in in_use)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc). Quantizing allocates float32 temporaries of every
+    weight; glibc keeps them in its heap after they are freed, so without this the process stays over
+    600 MiB larger than what it holds after an int8 switch of the default model."""
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, say): nothing to do
+        pass
 
 
 def _cut_at_stop(text: str, stops) -> str:

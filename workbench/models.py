@@ -16,11 +16,14 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +58,22 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> str:
+    """`device` if this machine has it; one line naming what it has otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelError(f"unknown device {device!r}; use cpu or cuda (cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelError(f"device {device!r} is not supported; use cpu or cuda (cuda:N)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device!r} asked for, but this machine has no CUDA device (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"device {device!r} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return str(device)
+
+
 def default_dtype(device: str) -> torch.dtype:
     """fp32 on CPU (bf16 matmuls are slow there), bf16 on GPU."""
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
@@ -70,7 +89,7 @@ def load(name: str = "default", device: str | None = None, dtype: torch.dtype | 
     """
     if not isinstance(name, str) or not name:
         raise ModelError(f"model must be a name or a path, got {name!r}")
-    device = device or default_device()
+    device = check_device(device or default_device())
     dtype = dtype or default_dtype(device)
     if name.startswith(SYNTHETIC_PREFIX):
         from workbench.synthetic import build_synthetic
@@ -83,20 +102,50 @@ def load(name: str = "default", device: str | None = None, dtype: torch.dtype | 
     return LoadedModel(model, tokenizer, name, str(folder), time.perf_counter() - t0)
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "gpt2" or "HuggingFaceTB/SmolLM2-135M-Instruct"
+HUB_PROBE_S = 3.0  # how long to wait for the hub before saying it cannot be reached
+
+
 def _local_or_hub(name: str) -> str:
+    """A local model folder, else a hub id; a name that can be neither is a path that does not exist."""
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
+        if not path.is_dir() or not (path / "config.json").is_file():
             raise ModelError(f"model folder {name!r} has no config.json; expected a Hugging Face model folder")
         return str(path)
-    looks_like_path = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", os.sep, 1)[1:]
-    if looks_like_path or name.count("/") > 1:
+    if name.startswith((".", "/", "~")) or not HUB_ID.fullmatch(name):
         raise ModelError(f"model path not found: {name}")
-    return name  # a hub id such as "HuggingFaceTB/SmolLM2-135M-Instruct"
+    return name
+
+
+def is_hub_id(where: str) -> bool:
+    return not Path(where).expanduser().exists() and HUB_ID.fullmatch(where) is not None
+
+
+def check_hub_reachable(name: str) -> None:
+    """Fail in one line, at once, when `name` is not in the local cache and the hub cannot be reached
+    (instead of transformers' retries and a traceback)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # cached: from_pretrained finds it offline
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(f"{name!r} is a hub id that is not in the local cache, and HF_HUB_OFFLINE is set")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # a proxy decides; let the hub client try
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_S).close()
+    except OSError as e:
+        reason = getattr(e, "strerror", None) or type(e).__name__
+        raise ModelError(f"{name!r} looks like a Hugging Face hub id, but the hub ({constants.ENDPOINT}) cannot be "
+                         f"reached from here ({reason}); download the model elsewhere and pass its folder") from None
 
 
 def _load_pretrained(where: str, device: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    if is_hub_id(where):
+        check_hub_reachable(where)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)

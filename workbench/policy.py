@@ -194,12 +194,18 @@ class Policy:
     # ---- lookup -------------------------------------------------------------------------------------
     def setting_for(self, fqn: str, role: str | None) -> Setting:
         """The setting for one module: the first matching rule's, else the default (block roles only)."""
+        return self.lookup(fqn, role)[0]
+
+    def lookup(self, fqn: str, role: str | None) -> tuple[Setting, bool]:
+        """(setting, model_wide): model-wide when it comes from the default or a `role:` rule, which a
+        layer whose shape cannot take its format may replace by one that fits (as llama.cpp does per
+        tensor); a rule naming modules by glob or regex is taken exactly or refused."""
         for rule in self.rules:
             if rule.matches(fqn, role):
-                return rule.setting
+                return rule.setting, rule.match.startswith("role:")
         if role in BLOCK_ROLES or role == "attention":
-            return self.default
-        return Setting()
+            return self.default, True
+        return Setting(), True
 
     @property
     def is_identity(self) -> bool:
@@ -288,9 +294,15 @@ class Policy:
     @classmethod
     def load(cls, path: str | Path) -> "Policy":
         p = Path(path)
-        if not p.is_file():
+        if not p.exists():
             raise PolicyError(f"policy file not found: {p}")
-        policy = cls.from_json(p.read_text())
+        if not p.is_file():
+            raise PolicyError(f"policy must be a JSON file, and {p} is not a regular file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise PolicyError(f"cannot read policy file {p}: {getattr(e, 'strerror', None) or e}") from None
+        policy = cls.from_json(text)
         if policy.calibration and not Path(policy.calibration).is_absolute():  # artifacts live beside the policy
             policy = dataclasses.replace(policy, calibration=str(p.parent / policy.calibration))
         return policy

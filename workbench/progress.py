@@ -44,9 +44,9 @@ class LineProgress:
     """The part of tqdm's interface the package uses, reporting as lines on stderr."""
 
     def __init__(self, iterable=None, total: int | None = None, desc: str = "", unit: str = "it",
-                 silent: bool = False, every_s: float = LINE_EVERY_S):
+                 silent: bool = False, every_s: float | None = None):
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
-        self.silent, self.every_s = silent, every_s
+        self.silent, self.every_s = silent, LINE_EVERY_S if every_s is None else every_s
         self.n, self.postfix = 0, ""
         self.start = self._last = time.perf_counter()
         self._closed = False

@@ -13,6 +13,7 @@ size that does not divide a layer's width) leaves the model as it was.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -20,7 +21,8 @@ from typing import Any, Iterator
 from torch import nn
 
 from workbench.errors import PolicyError
-from workbench.policy import Policy, Setting
+from workbench.layers import SharedInputCache, WorkbenchEmbedding, WorkbenchLinear, check_setting
+from workbench.policy import WEIGHT_FORMATS, Policy, Setting
 from workbench.roles import attention_modules, embedding_modules, linear_modules
 
 log = logging.getLogger(__name__)
@@ -31,26 +33,46 @@ class PlannedModule:
     fqn: str
     role: str | None
     setting: Setting
+    fallback: str | None = None  # why a model-wide format was replaced by one this layer can take
 
 
 def plan(model: nn.Module, policy: Policy) -> list[PlannedModule]:
     """Each linear layer's setting under `policy`; raises (model untouched) if any is invalid for its shape."""
-    from workbench.layers import check_setting
     planned = []
     for fqn, module, role in linear_modules(model):
-        setting = policy.setting_for(fqn, role)
-        if not setting.linear_is_identity:
-            check_setting(_base(module), setting, fqn)
-        planned.append(PlannedModule(fqn, role, setting))
+        setting, model_wide = policy.lookup(fqn, role)
+        if setting.linear_is_identity:
+            planned.append(PlannedModule(fqn, role, setting))
+            continue
+        planned.append(_fitted(_base(module), fqn, role, setting, model_wide))
     for fqn, module in embedding_modules(model):
-        setting = policy.setting_for(fqn, "embed")
+        setting, model_wide = policy.lookup(fqn, "embed")
         if not setting.sparsity.is_identity:
             raise PolicyError(f"{fqn} is an embedding table: it takes a weight format, not activation sparsity")
-        if not setting.weights.is_identity:
-            check_setting(_base(module), setting, fqn, embedding=True)
-        planned.append(PlannedModule(fqn, "embed", setting))
+        if setting.weights.is_identity:
+            planned.append(PlannedModule(fqn, "embed", setting))
+            continue
+        planned.append(_fitted(_base(module), fqn, "embed", setting, model_wide))
     _check_attention(model, policy)
     return planned
+
+
+def _fitted(base: nn.Module, fqn: str, role: str | None, setting: Setting, model_wide: bool) -> PlannedModule:
+    """The setting if this layer's shape takes it; for a model-wide setting, else the nearest format the
+    layer does take (the weight format's own `fallback`); an explicit rule that does not fit is refused."""
+    embedding = role == "embed"
+    try:
+        check_setting(base, setting, fqn, embedding)
+        return PlannedModule(fqn, role, setting)
+    except PolicyError as refusal:
+        entry = WEIGHT_FORMATS.get(setting.weights.format)
+        fit = entry.fallback(setting.weights, tuple(base.weight.shape), embedding) if model_wide else None
+        if fit is None:
+            raise
+        fitted = dataclasses.replace(setting, weights=fit)
+        check_setting(base, fitted, fqn, embedding)
+        reason = str(refusal).split(": ", 1)[-1]
+        return PlannedModule(fqn, role, fitted, f"{setting.weights.label} -> {fit.label} ({reason})")
 
 
 def _check_attention(model: nn.Module, policy: Policy) -> None:
@@ -75,7 +97,6 @@ def apply_policy(model: nn.Module, policy: Policy, calibration: Any = None,
     >>> model = load("synthetic:tiny-llama").model
     >>> _ = apply_policy(model, Policy.identity())
     """
-    from workbench.layers import SharedInputCache
     steps = plan(model, policy)
     cache = SharedInputCache()
     # (weight storage, format) -> packed weight: tied tables quantize once, revisited formats not at all
@@ -91,12 +112,17 @@ def apply_policy(model: nn.Module, policy: Policy, calibration: Any = None,
             replacement.input_cache = cache
     _apply_attention(model, policy)
     model.workbench_policy = policy
+    model.workbench_fallbacks = {step.fqn: step.fallback for step in steps if step.fallback}
+    if model.workbench_fallbacks:
+        log.warning("%d layer(s) cannot take %s and use the nearest format that fits: %s",
+                    len(model.workbench_fallbacks), policy.name,
+                    "; ".join(f"{k}: {v}" for k, v in list(model.workbench_fallbacks.items())[:3])
+                    + (" ..." if len(model.workbench_fallbacks) > 3 else ""))
     return model
 
 
 def _replacement(module: nn.Module, step: PlannedModule, cal: Any, stores: dict) -> nn.Module:
     """The module `step` asks for: the original, the current wrapper (unchanged setting), or a new one."""
-    from workbench.layers import WorkbenchEmbedding, WorkbenchLinear
     base = _base(module)
     identity = step.setting.weights.is_identity if step.role == "embed" else step.setting.linear_is_identity
     if identity:
@@ -127,8 +153,9 @@ def unwrap(model: nn.Module) -> nn.Module:
         if getattr(module, "is_workbench_embedding", False):
             model.set_submodule(fqn, module.base)
     _apply_attention(model, Policy.identity())
-    if hasattr(model, "workbench_policy"):
-        del model.workbench_policy
+    for attr in ("workbench_policy", "workbench_fallbacks"):
+        if hasattr(model, attr):
+            delattr(model, attr)
     return model
 
 

@@ -62,6 +62,20 @@ class WeightFormat:
             raise PolicyError(f"{self.label(spec)} cannot apply to {fqn}: its shape {n}x{k} is not a multiple "
                               f"of the {g}x{g} block")
 
+    def fallback(self, spec: Weights, shape: tuple[int, int], embedding: bool = False) -> Weights | None:
+        """The nearest spec a layer of `shape` can take when a model-wide `spec` does not fit it (as
+        llama.cpp falls back per tensor): int4 with the largest group that divides the input features,
+        else int8 per channel; int8 blocks that do not tile, int8 per channel. None: nothing fits."""
+        n, k = shape
+        if self.name == "int4":
+            group = next((g for g in sorted(INT4_GROUPS, reverse=True) if g < spec.group_size and k % g == 0), None)
+            if group is not None:
+                return Weights("int4", group, spec.symmetric)
+            return Weights("int8")
+        if self.name == "int8" and spec.group_size:
+            return Weights("int8")
+        return None
+
     # -- storage ---------------------------------------------------------------------------------------
     def expected_bytes(self, spec: Weights, shape: tuple[int, int]) -> int:
         """The format's arithmetic: what `PackedWeight.nbytes` must equal."""
