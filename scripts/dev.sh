@@ -28,18 +28,27 @@ setup() {
 }
 
 # The browser tests drive JupyterLab in the system Chromium (Debian's package; never `playwright install`).
+# apt waits up to 10 minutes for another apt to release its lock; a failure shows apt's own words. Under
+# CI=true the suite then fails in one line rather than skipping the browser tests (tests/conftest.py).
 browser() {
     command -v chromium >/dev/null 2>&1 && return
-    local sudo=""
+    local sudo="" log
     [ "$(id -u)" = 0 ] || sudo="sudo -n"
-    if command -v apt-get >/dev/null 2>&1; then
-        echo "installing chromium for the browser tests (apt-get)" >&2
-        $sudo apt-get install -y -qq chromium >/dev/null 2>&1 \
-            || { $sudo apt-get update -qq >/dev/null 2>&1 && $sudo apt-get install -y -qq chromium >/dev/null 2>&1; } \
-            || echo "could not install chromium: the browser tests will be skipped" >&2
-    else
-        echo "no apt-get: install Chromium yourself to run the browser tests (they are skipped without it)" >&2
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "no apt-get: install Chromium yourself to run the browser tests" >&2
+        return
     fi
+    echo "installing chromium for the browser tests (apt-get)" >&2
+    log="$(mktemp)"
+    local apt=($sudo apt-get -o DPkg::Lock::Timeout=600 -y -qq)
+    if ! "${apt[@]}" install chromium >"$log" 2>&1; then
+        "${apt[@]}" update >>"$log" 2>&1 || true
+        if ! "${apt[@]}" install chromium >>"$log" 2>&1; then
+            echo "could not install chromium; apt said:" >&2
+            tail -n 5 "$log" >&2
+        fi
+    fi
+    rm -f "$log"
 }
 
 cmd="${1:-}"
