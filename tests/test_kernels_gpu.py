@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from workbench.ops import sparse_decode as ref
+from workbench.attention import block_sparse as ref
 
 pytestmark = pytest.mark.gpu
 
@@ -63,7 +63,7 @@ def _close(got, want, tol=2e-2):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.int8])
 def test_sparse_gemv_matches_reference(sparsity, dtype, tokens):
     from workbench.kernels.sparse_gemv import sparse_gemv
-    from workbench.ops import quant
+    from workbench.formats import quant
     torch.manual_seed(0)
     k, n = 4096, 1000  # n not a multiple of the tile
     w = torch.randn(n, k, device="cuda") * 0.02
@@ -86,7 +86,7 @@ def test_sparse_gemv_matches_reference(sparsity, dtype, tokens):
 def test_quant_gemv_matches_reference(fmt, tokens):
     """Every launch config the tuner may pick, not only the one it picked on this machine."""
     from workbench.kernels.quant_gemv import launch_candidates, quant_gemv
-    from workbench.ops.formats import reference_matmul
+    from workbench.formats.packed import reference_matmul
     from workbench.policy import WEIGHT_FORMATS, parse_precision
     torch.manual_seed(0)
     spec = parse_precision(fmt)

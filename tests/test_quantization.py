@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from workbench import Engine, Policy, PolicyError, Rule, Setting
-from workbench.mixed_precision import allocate, auto_policy, llamacpp_policy, use_more_bits, variance_policy
-from workbench.ops import quant
-from workbench.ops.formats import OPTIONAL_BACKENDS, reference_matmul
+from workbench.formats.mixed_precision import allocate, auto_policy, llamacpp_policy, use_more_bits, variance_policy
+from workbench.formats import quant
+from workbench.formats.packed import OPTIONAL_BACKENDS, reference_matmul
 from workbench.policy import WEIGHT_FORMATS, parse_precision
 from workbench.roles import linear_modules
-from workbench.sensitivity import scan
+from workbench.formats.sensitivity import scan
 from workbench.transforms import wrappers
 
 # SQNR floors (dB) on Gaussian weights; int4 floors are what 4 bits can give (6 dB per bit, minus clipping)

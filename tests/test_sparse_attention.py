@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from workbench import Engine, Policy, PolicyError
-from workbench.attention import capture_attention
+from workbench.attention.capture import capture_attention
 from workbench.evaluate import evaluate
 from workbench.policy import Attention, parse_attention
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from workbench import Engine, Policy, PolicyError
-from workbench.calibrate import Calibration, calibrate, threshold_from_histogram, _histogram
+from workbench.sparsity.calibration import Calibration, histogram, threshold_from_histogram
+from workbench.sparsity.calibrate import calibrate
 from workbench.evaluate import evaluate
-from workbench.ops.sparsify import keep_count, threshold_sparsify, topk_sparsify
+from workbench.sparsity.rules import keep_count, threshold_sparsify, topk_sparsify
 from workbench.transforms import wrappers
 
 RULES = ["topk", "threshold", "weighted", "greedy"]
@@ -44,7 +45,7 @@ def test_threshold_scalar_and_per_channel():
 
 def test_histogram_threshold_inverts_the_cdf():
     values = torch.rand(200_000) * 10
-    hist = _histogram(values)
+    hist = histogram(values)
     for target in (0.1, 0.5, 0.9):
         t = threshold_from_histogram(hist, target)
         assert (values < t).float().mean().item() == pytest.approx(target, abs=0.01)

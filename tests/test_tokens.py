@@ -51,7 +51,7 @@ def test_windows_start_with_bos_and_never_score_it():
 
 def test_evaluation_and_calibration_see_bos(engine, monkeypatch):
     from workbench import corpus
-    from workbench.calibrate import calibrate
+    from workbench.sparsity.calibrate import calibrate
     from workbench.evaluate import evaluate
     seen = []
     real = corpus.token_windows
@@ -61,7 +61,7 @@ def test_evaluation_and_calibration_see_bos(engine, monkeypatch):
         seen.extend(out)
         return out
     monkeypatch.setattr("workbench.evaluate.token_windows", spy)
-    monkeypatch.setattr("workbench.calibrate.token_windows", spy)
+    monkeypatch.setattr("workbench.sparsity.calibrate.token_windows", spy)
     result = evaluate(engine, max_tokens=64, seq_len=32, progress=False)
     calibrate(engine, tokens=64, progress=False)
     assert result["tokens"] == 64 and seen and all(int(w[0]) == BOS for w in seen)

@@ -6,7 +6,11 @@
 
 Kept light on purpose: no plotly, ipywidgets, peft or server imports here.
 """
-from workbench import ops as _ops  # noqa: F401  (fills the policy registries)
+# importing the method modules fills the policy registries, so any policy validates as soon as
+# `workbench` is imported
+from workbench.attention import selectors as _selectors  # noqa: F401
+from workbench.formats import packed as _packed  # noqa: F401
+from workbench.sparsity import rules as _rules  # noqa: F401
 from workbench.engine import Engine
 from workbench.errors import InputError, ModelError, PolicyError, WorkbenchError
 from workbench.policy import Attention, Policy, Rule, Setting, Sparsity, Weights

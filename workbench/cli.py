@@ -192,8 +192,8 @@ def _auto_precision(engine, base, budget_bits: float):
     """Measured sensitivity (cached) -> formats under the budget, merged into the shorthand policy."""
     import dataclasses
 
-    from workbench.mixed_precision import auto_policy
-    from workbench.sensitivity import cached_scan
+    from workbench.formats.mixed_precision import auto_policy
+    from workbench.formats.sensitivity import cached_scan
     auto = auto_policy(cached_scan(engine, progress=True), budget_bits=budget_bits)  # 14+ min the first time
     rules = tuple(dataclasses.replace(r, setting=dataclasses.replace(base.default, weights=r.setting.weights))
                   for r in auto.rules)
@@ -296,7 +296,7 @@ def cmd_lab(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from workbench.calibrate import calibrate, cached_calibration
+    from workbench.sparsity.calibrate import calibrate, cached_calibration
     from workbench.engine import Engine
     if args.tokens < 2:
         raise InputError(f"--tokens must be at least 2, got {args.tokens}")
@@ -315,7 +315,7 @@ def cmd_calibrate(args) -> int:
 
 def cmd_sensitivity(args) -> int:
     from workbench.engine import Engine
-    from workbench.sensitivity import cached_scan
+    from workbench.formats.sensitivity import cached_scan
     if args.tokens < 2:
         raise InputError(f"--tokens must be at least 2, got {args.tokens}")
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
@@ -357,9 +357,6 @@ def cmd_bench(args) -> int:
     cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
     if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("--device cuda asked for, but this machine has no CUDA device")
-    if args.kernels == "triton" and not cuda:
-        print("workbench: the Triton kernels need a CUDA device; timing the CPU reference paths instead",
-              file=sys.stderr)
     if args.kernels == "reference":
         os.environ["WORKBENCH_KERNELS"] = "0"
     model = args.model or ("synthetic:llama-3-8b" if cuda else "default")
@@ -367,6 +364,9 @@ def cmd_bench(args) -> int:
     result = run_bench(model, policies, batches, args.prompt_tokens, args.new_tokens,
                        transformers_baseline=not args.no_transformers, device=args.device, progress=progress)
     result["kernels"] = args.kernels
+    if args.kernels == "triton" and not cuda:  # said once the run stands, so an error stays one line
+        print("workbench: the Triton kernels need a CUDA device; timed the CPU reference paths instead",
+              file=sys.stderr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
@@ -459,6 +459,8 @@ def cmd_loadtest(args) -> int:
     if not args.overload > 0 or not args.slo_ttft > 0 or not args.slo_tpot > 0 or not args.control_period > 0:
         raise InputError("--overload, --slo-ttft, --slo-tpot and --control-period must be positive")
     ladder = tuple(p.strip() for p in args.ladder.split(",") if p.strip())
+    if not ladder:
+        raise InputError(f"--ladder needs at least one policy, got {args.ladder!r}")
     for name in ladder:
         parse_bench_policy(name)
     engine = _engine(args)

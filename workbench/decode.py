@@ -275,7 +275,7 @@ class Decoder:
             mask = None  # causal: a real position never sees the padding after it
         spec = getattr(attn, "workbench_attention", None)
         if getattr(attn, "workbench_capture", None) is not None or (spec is not None and not spec.is_identity):
-            from workbench.sparse_attention import workbench_attention
+            from workbench.attention.backend import workbench_attention
             if mask is None:  # causal within each prompt; padded queries attend nowhere (not measured)
                 at = torch.arange(t, device=h.device)
                 real = at[None, :] < prompt_lengths[:, None]  # (B, T)

@@ -143,7 +143,8 @@ class Engine:
 
     def _ensure_calibration(self, policy: Policy) -> None:
         """Load the policy's calibration artifact, or calibrate once (cached) when a rule needs one."""
-        from workbench.calibrate import Calibration, cached_calibration, needs_calibration
+        from workbench.sparsity.calibration import Calibration, needs_calibration
+        from workbench.sparsity.calibrate import cached_calibration
         need, need_greedy = needs_calibration(policy)
         if policy.calibration:
             if self.calibration is None or self.calibration.path != policy.calibration:
@@ -158,7 +159,7 @@ class Engine:
 
     def reset_stats(self) -> None:
         """Start measuring achieved sparsity and attention recall afresh."""
-        from workbench.sparse_attention import reset_recall
+        from workbench.attention.backend import reset_recall
         for _, w in wrappers(self.model):
             w.reset_stats()
         reset_recall(self.model)
@@ -414,7 +415,7 @@ class Engine:
         from workbench.accounting import weight_accounting
         with self._lock:
             facts = weight_accounting(self.model)
-            from workbench.sparse_attention import attention_recall
+            from workbench.attention.backend import attention_recall
             facts.update(model=self.name, policy=self.policy.name, architecture=model_summary(self.model),
                          last_forward_ms=self.last_latency_ms, attention_recall=attention_recall(self.model),
                          fallbacks=dict(getattr(self.model, "workbench_fallbacks", {})),

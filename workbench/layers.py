@@ -155,7 +155,7 @@ class WorkbenchLinear(nn.Module):
         into a low-bit format cost. Layers without a format keep the sum in a cast store of the base
         weight's dtype. `base` is never changed: the reference (bypass) stays the unmodified model.
         """
-        from workbench.ops.quant import sqnr_db
+        from workbench.formats.quant import sqnr_db
         exact = self.dequantized_weight().float() + delta.float()
         self.kernel = None  # its weight layout was built from the old weight
         if self.store is None:  # a cast store holds the merged weight; `base` stays the reference

@@ -373,7 +373,7 @@ def save_adapter(engine, folder) -> None:
 
     from safetensors.torch import save_file
 
-    from workbench.calibrate import model_fingerprint
+    from workbench.sparsity.calibration import model_fingerprint
     handle = getattr(engine.model, "workbench_lora", None)
     if handle is None:
         raise InputError("this engine has no adapters to save")
@@ -394,7 +394,7 @@ def load_adapter(engine, folder) -> LoraHandle:
 
     from safetensors.torch import load_file
 
-    from workbench.calibrate import model_fingerprint
+    from workbench.sparsity.calibration import model_fingerprint
     folder = Path(folder)
     if not (folder / "adapter.json").is_file() or not (folder / "adapter.safetensors").is_file():
         raise InputError(f"{folder} holds no adapter (adapter.json and adapter.safetensors)")

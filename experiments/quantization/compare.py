@@ -17,9 +17,9 @@ from pathlib import Path
 
 from workbench import Engine, Policy, PolicyError
 from workbench.evaluate import environment, evaluate
-from workbench.mixed_precision import allocate, llamacpp_policy, variance_policy
+from workbench.formats.mixed_precision import allocate, llamacpp_policy, variance_policy
 from workbench.policy import Rule, Setting, parse_precision
-from workbench.sensitivity import cached_scan
+from workbench.formats.sensitivity import cached_scan
 from workbench.viz import save_figure, tradeoff_figure
 
 HERE = Path(__file__).resolve().parent

@@ -76,7 +76,7 @@ def run(context: int, batch: int, k: int) -> dict:
     # fused: Triton index scoring (one pass over the index cache) + top blocks + Triton split-K decode over
     # the selected blocks read in place (workbench/kernels/sparse_decode.py)
     from workbench.kernels import sparse_decode as kern
-    from workbench.ops.sparse_decode import select_blocks as top_blocks
+    from workbench.attention.block_sparse import select_blocks as top_blocks
     seq_lens = torch.full((batch,), context, device=dev, dtype=torch.int32)
     q_index = q[:, :, 0, : INDEX_DIM * 2].contiguous()
     q_flat = q[:, :, 0].contiguous()

@@ -17,7 +17,7 @@ from workbench.kernels.quant_gemv import quant_gemv
 from workbench.kernels.sparse_gemv import gather_gemv, sparse_gemv
 from workbench.kernels.topk import topk_select, topk_threshold
 from workbench.kernels.tuning import graph_replay_ms
-from workbench.ops import quant
+from workbench.formats import quant
 
 
 def timed(fn, iters=200):

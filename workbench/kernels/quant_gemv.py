@@ -1,6 +1,6 @@
 """Weight-only quantized GEMV (decode: 1 to 64 tokens) reading int8 or int4 weights as stored.
 
-One kernel for the formats of `workbench.ops.quant`, on their own packed tensors (no repacking):
+One kernel for the formats of `workbench.formats.quant`, on their own packed tensors (no repacking):
 
 * int8, one float32 scale per output row: ``y = (x @ q.T) * scale``;
 * int8 with b x b block scales: the K loop steps one block at a time and scales each partial sum;
@@ -111,7 +111,7 @@ def _layout(tensors: dict, k: int) -> tuple:
 def tinygemm_pack(tensors: dict) -> tuple | None:
     """Our int4 tensors in tinygemm's layout (even k in the high nibble; scale and zero per group,
     w = (q - 8) * scale + zero); None where tinygemm cannot take the shape."""
-    from workbench.ops.quant import int4_scale_and_zero, unpack_int4
+    from workbench.formats.quant import int4_scale_and_zero, unpack_int4
     q = tensors["q"]
     if q.dtype != torch.uint8 or not q.is_cuda:
         return None

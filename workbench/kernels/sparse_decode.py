@@ -1,4 +1,4 @@
-"""Triton kernels for block-sparse decode attention (reference: workbench/ops/sparse_decode.py).
+"""Triton kernels for block-sparse decode attention (reference: workbench/attention/block_sparse.py).
 
 `index_block_scores`: one program per (sequence, block) reads that block's index keys once, computes
 sum_h w_h relu(q_h . k) for all heads with one tensor-core dot, and keeps the block maximum: the whole

@@ -1,6 +1,6 @@
 """Attention views: one head's map with token labels, dense versus selected keys, a layer x head grid.
 
-Inputs are plain arrays from `workbench.attention.capture_attention` (or anywhere): probabilities
+Inputs are plain arrays from `workbench.attention.capture.capture_attention` (or anywhere): probabilities
 (T, T) and a boolean kept mask (T, T). Long prompts are downsampled by max-pooling to at most
 `max_cells` per side, and the figure says so, so a 512-token map stays responsive in a browser.
 """

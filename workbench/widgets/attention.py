@@ -6,7 +6,7 @@ import html
 import ipywidgets as W
 import numpy as np
 
-from workbench.attention import capture_attention
+from workbench.attention.capture import capture_attention
 from workbench.policy import Policy
 from workbench.widgets.panel import Panel, metrics_html
 

@@ -52,8 +52,8 @@ class PrecisionTuner(Panel):
 
     def policy(self) -> Policy:
         if self.format.value == "auto":
-            from workbench.mixed_precision import auto_policy
-            from workbench.sensitivity import cached_scan
+            from workbench.formats.mixed_precision import auto_policy
+            from workbench.formats.sensitivity import cached_scan
             self.status.value = "<span class='wb-busy'>measuring sensitivity (once, then cached)…</span>"
             return auto_policy(cached_scan(self.engine, progress=False), budget_bits=self.budget.value)
         policy = Policy.uniform(precision=self.format.value)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.errors import PolicyError
-from workbench.ops import quant
+from workbench.formats import quant
 from workbench.policy import WEIGHT_FORMATS, Weights
 
 INT4_GROUPS = (32, 64, 128, 256)

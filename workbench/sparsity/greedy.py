@@ -18,8 +18,9 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from workbench.calibrate import Calibration, calibration_targets, input_hooks
-from workbench.ops.sparsify import threshold_sparsify
+from workbench.sparsity.calibration import Calibration, calibration_targets, input_hooks
+from workbench.sparsity.rules import threshold_sparsify
+from workbench.corpus import load_text, token_windows
 from workbench.progress import progress as bar
 
 STEP = 0.05
@@ -58,7 +59,6 @@ def _block_output(layer: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
 
 def allocate_greedy(engine, calibration: Calibration, tokens: int = GREEDY_TOKENS, progress: bool = True) -> None:
     """Fill each module's greedy path in `calibration` (in place)."""
-    from workbench.corpus import load_text, token_windows
     text, _ = load_text(None, "calibration")
     ids = token_windows(engine.tokenizer, text, min(tokens + 1, engine.max_positions), tokens)[0][None]
     ids = ids.to(engine.device)

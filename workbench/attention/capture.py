@@ -1,58 +1,15 @@
-"""Per-layer attention selection through transformers' AttentionInterface, and attention capture.
-
-Each attention module gets a selector from the policy. When every layer is dense the model keeps its
-own implementation (sdpa or eager) untouched; otherwise the workbench backend (sparse_attention.py) is
-registered under its own name with its mask function and dispatches per module.
-
-`capture_attention` runs one prompt with the backend on every layer and returns, for a subset of layers
+"""Attention capture: `capture_attention` runs one prompt with the backend on every layer and returns, for a subset of layers
 and heads, the dense attention probabilities, the keys the current selector keeps, and the recall.
 """
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import torch
-from torch import nn
 
+from workbench.attention.install import set_layer_selectors
 from workbench.errors import InputError
 from workbench.policy import Attention
-
-
-def set_layer_selectors(model: nn.Module, selectors: dict[int, Attention]) -> None:
-    """Install `selectors` (layer index -> Attention); all-dense restores the model's own attention."""
-    if all(a.is_identity for a in selectors.values()) and not getattr(model, "workbench_capturing", False):
-        _restore_original(model)
-        model.workbench_selectors = {}
-        return
-    from workbench.sparse_attention import install_backend
-    if not hasattr(model, "workbench_original_attn"):
-        model.workbench_original_attn = model.config._attn_implementation
-    model.workbench_selectors = dict(selectors)
-    install_backend(model)
-
-
-def _restore_original(model: nn.Module) -> None:
-    original = getattr(model, "workbench_original_attn", None)
-    if original is not None:
-        from workbench.sparse_attention import uninstall
-        model.set_attn_implementation(original)
-        uninstall(model)
-        del model.workbench_original_attn
-
-
-@contextlib.contextmanager
-def dense_attention(model: nn.Module):
-    """Every layer dense for the duration (the reference), then the selectors come back."""
-    saved = getattr(model, "workbench_selectors", {})
-    if not saved:
-        yield
-        return
-    set_layer_selectors(model, {i: Attention() for i in saved})
-    try:
-        yield
-    finally:
-        set_layer_selectors(model, saved)
 
 
 class AttentionCapture:

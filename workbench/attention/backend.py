@@ -5,7 +5,7 @@ function (the boolean causal+padding mask, never skipped: without it prefill wou
 attention module carries its `Attention` spec (`module.workbench_attention`); the backend:
 
 1. expands K/V to the query heads (GQA), computes exact scores per query chunk, masks invalid keys;
-2. asks the layer's selector (ops/selectors.py) which keys each query keeps within its budget;
+2. asks the layer's selector (`attention.selectors`) which keys each query keeps within its budget;
 3. always keeps the current token and the sink tokens (the first valid keys);
 4. attends over the kept keys only, and measures recall: the share of the dense softmax mass kept.
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workbench.ops.selectors import SELECTOR_FNS, SelectionContext
+from workbench.attention.selectors import SELECTOR_FNS, SelectionContext
 from workbench.policy import Attention
 
 BACKEND = "workbench"

@@ -16,8 +16,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from workbench.corpus import load_text, token_windows
 from workbench.errors import InputError, PolicyError
 from workbench.evaluate import compare_logits
@@ -132,7 +130,7 @@ def scan(engine, formats=DEFAULT_FORMATS, granularity: str = "module", tokens: i
             sizes[unit][fmt] = sum(entry.expected_bytes(spec, shapes[f]) for f in units[unit])
     finally:
         engine.reconfigure(saved)
-    from workbench.calibrate import model_fingerprint
+    from workbench.sparsity.calibration import model_fingerprint
     params = {u: sum(shapes[f][0] * shapes[f][1] for f in fq) for u, fq in units.items()}
     meta = {"model": engine.name, "fingerprint": model_fingerprint(engine.model), "tokens": tokens,
             "corpus": description, "python": platform.python_version()}
@@ -142,7 +140,7 @@ def scan(engine, formats=DEFAULT_FORMATS, granularity: str = "module", tokens: i
 def cached_scan(engine, formats=DEFAULT_FORMATS, granularity: str = "module", tokens: int = 256,
                 progress: bool = True) -> Sensitivity:
     """`scan`, computed once per (model, formats, granularity, tokens) and kept in the cache."""
-    from workbench.calibrate import model_fingerprint
+    from workbench.sparsity.calibration import model_fingerprint
     from workbench.models import cache_dir
     key = hashlib.sha256(json.dumps([model_fingerprint(engine.model), list(formats), granularity, tokens])
                          .encode()).hexdigest()[:16]

@@ -1,4 +1,4 @@
-"""Calibration: activation histograms of every block linear's input, and thresholds for any target.
+"""The calibration artifact: activation histograms of every block linear's input, thresholds for any target.
 
 Run the calibration part of the corpus through the unmodified model with temporary forward pre-hooks;
 for each linear layer accumulate a histogram of log10|x| (TEAL's magnitude) and of log10(|x| * ||W[:, i]||)
@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from workbench.corpus import load_text, token_windows
 from workbench.errors import PolicyError
-from workbench.progress import progress as bar
-from workbench.ops.sparsify import column_norms
-from workbench.policy import BLOCK_ROLES
+from workbench.policy import BLOCK_ROLES, SPARSITY_RULES
 from workbench.roles import linear_modules
 
 log = logging.getLogger(__name__)
@@ -59,7 +55,7 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _histogram(values: torch.Tensor) -> torch.Tensor:
+def histogram(values: torch.Tensor) -> torch.Tensor:
     """Counts of log10(values) in BINS bins over [LOG_MIN, LOG_MAX]; zeros land in the first bin."""
     logs = values.float().clamp_min(10 ** LOG_MIN).log10().clamp(LOG_MIN, LOG_MAX)
     return torch.histc(logs, bins=BINS, min=LOG_MIN, max=LOG_MAX).double().cpu()
@@ -192,61 +188,8 @@ def input_hooks(targets: list[tuple[str, nn.Module]], fn):
             h.remove()
 
 
-def calibrate(engine, tokens: int = DEFAULT_CALIBRATION_TOKENS, seq_len: int = 512, corpus: str | None = None,
-              greedy: bool = False, progress: bool = True) -> Calibration:
-    """Histograms of every block linear's input over `tokens` calibration tokens (dense model).
-
-    >>> from workbench import Engine
-    >>> cal = calibrate(Engine.from_pretrained("synthetic:tiny-llama"), tokens=256, progress=False)
-    >>> 0 < cal.for_module("model.layers.0.mlp.down_proj").threshold(0.5)
-    True
-    """
-    text, description = load_text(corpus, "calibration")
-    windows = token_windows(engine.tokenizer, text, min(seq_len, engine.max_positions), tokens)
-    targets = calibration_targets(engine.model)
-    norms = {fqn: column_norms(m.weight) for fqn, m in targets}
-    hists = {fqn: torch.zeros(BINS, dtype=torch.float64) for fqn, _ in targets}
-    weighted = {fqn: torch.zeros(BINS, dtype=torch.float64) for fqn, _ in targets}
-
-    def record(fqn, module, x):
-        a = x.detach().abs().reshape(-1, x.shape[-1])  # (tokens, D)
-        hists[fqn] += _histogram(a)
-        weighted[fqn] += _histogram(a.float() * norms[fqn].to(a.device))
-
-    with input_hooks(targets, record), engine.reference():
-        for window in bar(windows, desc="calibrating", unit="window", enabled=progress):
-            engine.forward(window[None])
-    modules = {fqn: ModuleCalibration(fqn, hists[fqn], weighted[fqn]) for fqn, _ in targets}
-    meta = {"model": engine.name, "corpus": description, "tokens": sum(len(w) for w in windows),
-            "python": platform.python_version()}
-    cal = Calibration(model_fingerprint(engine.model), modules, meta)
-    if greedy:
-        from workbench.greedy import allocate_greedy
-        allocate_greedy(engine, cal, progress=progress)
-    return cal
-
-
-def cached_calibration(engine, greedy: bool = False, progress: bool = True) -> Calibration:
-    """The engine's model calibration from the cache, computed once and saved if absent."""
-    from workbench.models import cache_dir
-    path = cache_dir() / "calibration" / f"{model_fingerprint(engine.model)}.safetensors"
-    if path.is_file():
-        cal = Calibration.load(path)
-        if not greedy or cal.has_greedy:
-            return cal
-        from workbench.greedy import allocate_greedy
-        allocate_greedy(engine, cal, progress=progress)
-        cal.save(path)
-        return cal
-    cal = calibrate(engine, greedy=greedy, progress=progress)
-    cal.save(path)
-    log.info("calibration cached at %s", path)
-    return cal
-
-
 def needs_calibration(policy: Any) -> tuple[bool, bool]:
     """(needs histograms, needs greedy) for a policy."""
-    from workbench.policy import SPARSITY_RULES
     settings = [policy.default] + [r.setting for r in policy.rules]
     entries = [SPARSITY_RULES.get(s.sparsity.rule) for s in settings if not s.sparsity.is_identity]
     return any(e.needs_calibration for e in entries), any(e.needs_greedy for e in entries)
