@@ -30,6 +30,7 @@ import torch
 
 from workbench.decode import SamplingParams, Sequence, SlotKVCache, new_generator, padded_cost, sample
 from workbench.errors import InputError, WorkbenchError
+from workbench.policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,10 @@ class Request:
         self._pieces.put(None)
         self._done.set()
         if self.listener is not None:
-            self.listener(None)
+            try:  # a listener that raises (the server's event loop gone) must not take the loop down with it
+                self.listener(None)
+            except Exception:
+                log.exception("the listener of %s failed as it finished", self.id)
 
 
 class Scheduler:
@@ -190,7 +194,7 @@ class Scheduler:
         request = Request(ids, params, listener)
         with self._cond:
             if self._closed:
-                raise WorkbenchError("the scheduler is shut down")
+                raise WorkbenchError(self._stopped_message())
             if len(self.waiting) >= self.max_queue:
                 if self.metrics:
                     self.metrics.rejected()
@@ -204,15 +208,29 @@ class Scheduler:
         return self.submit(prompt, params, chat).result(timeout)
 
     def set_policy(self, policy, wait: bool = True, timeout: float | None = 60) -> None:
-        """Switch the engine's policy between two decode steps (running requests go on under it)."""
+        """Switch the engine's policy between two decode steps (running requests go on under it). A bad
+        policy raises here and serving goes on under the old one; a stopped scheduler raises at once."""
+        if not isinstance(policy, Policy):  # None would read as "nothing pending": never applied, never answered
+            raise InputError(f"set_policy takes a Policy, got {type(policy).__name__}")
         with self._cond:
+            if self._closed:
+                raise WorkbenchError(self._stopped_message())
             self._pending_policy = policy
             self._policy_applied.clear()
             self._cond.notify()
-        if wait and not self._policy_applied.wait(timeout):
-            raise TimeoutError("the policy change did not happen in time")
-        if wait and self._policy_error is not None:
+        if not wait:
+            return
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while not self._policy_applied.wait(0.1):
+            if self._closed:  # the loop died (or was closed) before it got there
+                raise WorkbenchError(self._stopped_message())
+            if deadline is not None and time.perf_counter() > deadline:
+                raise TimeoutError("the policy change did not happen in time")
+        if self._policy_error is not None:
             raise self._policy_error
+
+    def _stopped_message(self) -> str:
+        return f"the scheduler stopped: {self.failure}" if self.failure else "the scheduler is shut down"
 
     @property
     def alive(self) -> bool:

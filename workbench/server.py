@@ -22,11 +22,12 @@ import asyncio
 import json
 import logging
 import math
+import sys
 import time
 import uuid
 
 from starlette.applications import Starlette
-from starlette.requests import Request as HTTPRequest
+from starlette.requests import ClientDisconnect, Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -108,7 +109,7 @@ def _sampling(body: dict, max_tokens_field: str = "max_tokens", defaults: dict |
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4
                              or not all(isinstance(s, str) and s for s in stop)):
         raise APIError(400, "'stop' must be a non-empty string or a list of up to 4 of them", param="stop")
-    if _field(body, "n", int, 1) != 1 or _field(body, "best_of", int, 1) != 1:
+    if any(_field(body, name, int, 1, None, "an integer") != 1 for name in ("n", "best_of")):
         raise APIError(400, "only n=1 (and best_of=1) is supported", param="n")
     if body.get("logprobs") not in (None, False, 0) or body.get("echo"):
         raise APIError(400, "logprobs and echo are not supported; use /v1/score for log-probabilities",
@@ -174,11 +175,14 @@ class Server:
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             raise too_big
         chunks, size = [], 0
-        async for chunk in request.stream():  # read no more than the limit, whatever the header says
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise too_big
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():  # read no more than the limit, whatever the header says
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise too_big
+                chunks.append(chunk)
+        except ClientDisconnect:  # the client's mistake (or its exit), not a failure of ours to log as one
+            raise APIError(400, "the request body was cut off: the client left before sending all of it") from None
         raw = b"".join(chunks)
         try:
             body = json.loads(raw.decode("utf-8"))
@@ -188,6 +192,9 @@ class Server:
             raise APIError(400, f"the request body is not valid JSON ({e.msg} at position {e.pos})") from None
         except RecursionError:
             raise APIError(400, "the request body is nested too deeply") from None
+        except ValueError:  # an integer literal beyond Python's digit limit (json raises plain ValueError)
+            raise APIError(400, f"the request body holds an integer of over {sys.get_int_max_str_digits()} "
+                                "digits") from None
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         try:

@@ -60,8 +60,20 @@ def check_messages(messages) -> None:
         raise InputError("a chat prompt must be a non-empty list of {'role': str, 'content': str} messages")
 
 
+def check_text(text: str, what: str = "prompt") -> None:
+    """Refuse strings that are not text: a lone surrogate (from JSON's "\\ud800", or a command-line
+    argument that was not UTF-8) makes every tokenizer fail deep inside."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"the {what} is not valid text: it holds a lone surrogate (bytes that were not UTF-8?)") from None
+
+
 def encode_prompt(tokenizer, prompt: Prompt, chat: bool) -> list[int]:
     """A prompt's ids: a string is wrapped as one user message when `chat`, else encoded as text."""
+    for text in [prompt] if isinstance(prompt, str) else [m.get("content", "") for m in prompt if isinstance(m, dict)]:
+        if isinstance(text, str):
+            check_text(text)
     if isinstance(prompt, str):
         if not prompt:
             raise InputError("prompt is empty")
