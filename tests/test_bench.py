@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from workbench import InputError
-from workbench.bench import parse_bench_policy
+from workbench import PolicyError
+from workbench.policy import Policy
 from workbench.cli import main
 from workbench.viz import speed_figure
 
@@ -59,7 +59,7 @@ def test_table_output_and_figure(capsys, result):
     ("dense", 0.0, None, None), ("int4-g64", 0.0, None, "int4"), ("topk25", 0.25, "topk", None),
     ("threshold50+int8", 0.5, "threshold", "int8")])
 def test_policy_names(name, sparsity, rule, fmt):
-    p = parse_bench_policy(name)
+    p = Policy.parse(name)
     assert p.name == name and p.default.sparsity.target == sparsity
     assert (p.default.sparsity.rule if sparsity else None) == rule
     assert (None if p.default.weights.is_identity else p.default.weights.format) == fmt
@@ -85,10 +85,10 @@ def test_gpu_requests_on_a_cpu_machine(capsys):
     assert "no CUDA device" in capsys.readouterr().err
     assert main(["bench", *SMALL, "--policies", "dense", "--batch", "1", "--no-transformers", "--kernels", "triton"]) == 0
     captured = capsys.readouterr()
-    assert "Triton kernels need a CUDA device; timing the CPU reference paths instead" in captured.err
+    assert "Triton kernels need a CUDA device; timed the CPU reference paths instead" in captured.err
     assert "dense" in captured.out
 
 
-def test_bench_policy_errors_are_input_errors():
-    with pytest.raises(InputError):
-        parse_bench_policy("topk150")
+def test_bench_policy_errors_are_one_line_policy_errors():
+    with pytest.raises(PolicyError, match="must be below 100%"):
+        Policy.parse("topk150")

@@ -97,3 +97,29 @@ def test_shorthand_parsers():
         parse_attention("nope:3")
     with pytest.raises(PolicyError, match="sparsity must be in"):
         Policy.uniform(sparsity=-0.1)
+
+
+@pytest.mark.parametrize("text, rule, target, fmt, selector, head", [
+    ("dense", "dense", 0.0, "none", "dense", None),
+    ("threshold50+int8", "threshold", 0.5, "int8", "dense", "int8"),
+    ("topk25+int4-g64", "topk", 0.25, "int4-g64", "dense", "int4-g64"),
+    ("int8+head:none", "dense", 0.0, "int8", "dense", None),
+    ("int4-g32+head:int8", "dense", 0.0, "int4-g32", "dense", "int8"),
+    ("topk30+window:4+256", "topk", 0.3, "none", "window", None),
+])
+def test_one_shorthand_grammar(text, rule, target, fmt, selector, head):
+    p = Policy.parse(text)
+    assert p.name == text and Policy.from_json(p.to_json()) == p
+    d = p.default
+    assert (d.sparsity.rule, d.sparsity.target, d.weights.label, d.attention.selector) == (rule, target, fmt, selector)
+    heads = [r.setting.weights.label for r in p.rules if r.match == "role:lm_head,embed"]
+    assert heads == ([head] if head else [])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("topk100", "must be below 100%"), ("int3", "unknown weight format 'int3'"), ("", "non-empty"),
+    ("int8+", "empty part"), ("nope:3", "unknown attention selector"), ("head:int9", "unknown weight format"),
+])
+def test_shorthand_errors_name_the_part(text, message):
+    with pytest.raises(PolicyError, match=re.escape(message)):
+        Policy.parse(text)

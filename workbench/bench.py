@@ -6,9 +6,9 @@ report the median milliseconds per decode step, tokens per second and peak memor
 transformers' eager `generate` on the same model (dense), and the measured copy bandwidth, which turns
 the bytes a token must read into a roofline (the fastest a memory-bound decode can be).
 
-Policy names: ``dense``, a weight format (``int8``, ``int4-g64``, ...), ``topkNN`` (NN% activation
-sparsity, exact per token), ``thresholdNN`` (TEAL's calibrated cut), and ``+`` to combine
-(``topk50+int8``).
+Policy names are `Policy.parse`'s shorthand: ``dense``, a weight format (``int8``, ``int4-g64``, ...; it
+covers the output head too), ``topkNN`` (NN% activation sparsity, exact per token), ``thresholdNN``
+(TEAL's calibrated cut), and ``+`` to combine (``topk50+int8``).
 """
 from __future__ import annotations
 
@@ -25,25 +25,6 @@ from workbench.errors import InputError
 from workbench.policy import Policy
 
 DEFAULT_POLICIES = ("dense", "int8", "int4-g64", "topk25", "topk40", "topk50", "topk50+int8")
-
-
-def parse_bench_policy(name: str) -> Policy:
-    """'topk50+int8' -> Policy.uniform(0.5, 'topk', 'int8'); errors name the bad part."""
-    sparsity, rule, precision = 0.0, None, "none"
-    for part in name.split("+"):
-        if part == "dense":
-            continue
-        for r in ("topk", "threshold"):
-            if part.startswith(r) and part[len(r):].isdigit():
-                sparsity, rule = int(part[len(r):]) / 100, r
-                break
-        else:
-            precision = part
-    if not 0 <= sparsity < 1:
-        raise InputError(f"bench policy {name!r}: sparsity must be below 100%")
-    # a weight format covers the output head too (as torchao and llama.cpp count it): at batch 1 the
-    # head is a large share of the bytes a token reads; the embedding is a lookup either way
-    return Policy.uniform(sparsity, rule, precision, name=name, head=None if precision == "none" else precision)
 
 
 @dataclass
@@ -202,7 +183,7 @@ def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_toke
               progress=None) -> dict:
     """The whole matrix; returns a JSON-able dict (rows, baseline, roofline, environment)."""
     from workbench.engine import Engine
-    parsed = [(name, parse_bench_policy(name)) for name in policies]  # bad names fail before the load
+    parsed = [(name, Policy.parse(name)) for name in policies]  # bad names fail before the load
     if any(b < 1 for b in batches):
         raise InputError("batch sizes must be positive")
     if prompt_tokens < 1 or new_tokens < 3:

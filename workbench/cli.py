@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from workbench.errors import InputError, WorkbenchError
+from workbench.policy import Policy
 
 
 class _Parser(argparse.ArgumentParser):
@@ -160,7 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _policy_from_args(args):
-    from workbench.policy import Policy
     import dataclasses
     if args.policy:
         policy = Policy.load(args.policy)
@@ -189,15 +189,11 @@ def _engine(args):
 
 
 def _auto_precision(engine, base, budget_bits: float):
-    """Measured sensitivity (cached) -> formats under the budget, merged into the shorthand policy."""
-    import dataclasses
-
-    from workbench.formats.mixed_precision import auto_policy
+    """Measured sensitivity (cached; 14+ minutes the first time on the default model) -> formats under
+    the budget, composed with the shorthand policy."""
+    from workbench.formats.mixed_precision import with_auto_precision
     from workbench.formats.sensitivity import cached_scan
-    auto = auto_policy(cached_scan(engine, progress=True), budget_bits=budget_bits)  # 14+ min the first time
-    rules = tuple(dataclasses.replace(r, setting=dataclasses.replace(base.default, weights=r.setting.weights))
-                  for r in auto.rules)
-    return dataclasses.replace(base, rules=base.rules + rules, name=f"{auto.name}+{base.name}")
+    return with_auto_precision(base, cached_scan(engine, progress=True), budget_bits=budget_bits)
 
 
 def cmd_info(args) -> int:
@@ -424,9 +420,8 @@ def cmd_serve(args) -> int:
         raise InputError(f"--port must be in 1..65535, got {args.port}")
     if args.max_num_seqs < 1 or args.max_queue < 0 or args.max_model_len < 2:
         raise InputError("--max-num-seqs must be positive, --max-queue non-negative, --max-model-len at least 2")
-    from workbench.bench import parse_bench_policy
     for name in args.ladder.split(","):  # a bad rung fails before the model loads
-        parse_bench_policy(name.strip())
+        Policy.parse(name.strip())
     elastic = ControllerConfig(ladder=tuple(p.strip() for p in args.ladder.split(",") if p.strip()),
                                period_s=args.period, slo_ttft_s=args.slo_ttft) if args.elastic else None
     engine = _engine(args)
@@ -441,8 +436,6 @@ def cmd_serve(args) -> int:
 
 def cmd_loadtest(args) -> int:
     import math
-
-    from workbench.bench import parse_bench_policy
     from workbench.loadtest import run_loadtest
     try:
         rates = tuple(float(r) for r in args.rates.split(",") if r.strip())
@@ -462,7 +455,7 @@ def cmd_loadtest(args) -> int:
     if not ladder:
         raise InputError(f"--ladder needs at least one policy, got {args.ladder!r}")
     for name in ladder:
-        parse_bench_policy(name)
+        Policy.parse(name)
     engine = _engine(args)
     progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = run_loadtest(engine, args.requests, rates or (math.inf,), args.prompt_tokens, args.output_tokens,

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 
 from workbench.errors import InputError
+from workbench.policy import Policy
 
 
 @dataclass(frozen=True)
@@ -86,9 +87,8 @@ class ElasticController:
 
     def __init__(self, scheduler, config: ControllerConfig = ControllerConfig(), batcher=None, start: bool = False,
                  warm: bool = False):
-        from workbench.bench import parse_bench_policy
         self.scheduler, self.config, self.batcher = scheduler, config, batcher
-        self.policies = [parse_bench_policy(name) for name in config.ladder]  # bad names fail here, early
+        self.policies = [Policy.parse(name) for name in config.ladder]  # bad names fail here, early
         self.level = 0
         self.forecaster = Forecaster(config.forecast, config.alpha, config.beta)
         self.decisions: list[dict] = []

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from workbench.decode import SamplingParams
 from workbench.errors import InputError
+from workbench.policy import Policy
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,6 @@ def run_loadtest(engine, requests: int = 16, rates=(math.inf,), prompt_tokens: i
     """The comparison the serving experiment reports: saturation throughput per mode, a Poisson rate sweep
     of continuous batching, and, at `overload` x the measured capacity, the fixed policy against the
     elastic controller (with the held-out KLD of every rung it used)."""
-    from workbench.bench import parse_bench_policy
     from workbench.controller import ControllerConfig, ElasticController
     from workbench.evaluate import environment, evaluate
     from workbench.metrics import Metrics
@@ -235,7 +235,7 @@ def run_loadtest(engine, requests: int = 16, rates=(math.inf,), prompt_tokens: i
     quality = {}
     if overload_rows:
         for name in ladder:
-            engine.reconfigure(parse_bench_policy(name))
+            engine.reconfigure(Policy.parse(name))
             quality[name] = evaluate(engine, max_tokens=512, progress=False)["kld_mean"]
         engine.reconfigure(base)
     result = {"model": engine.name, "policy": base.name, "device": str(engine.device),

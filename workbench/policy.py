@@ -241,6 +241,49 @@ class Policy:
             label = name or f"{label}+head:{rules[0].setting.weights.label}"
         return cls(default=setting, rules=rules, name=label)
 
+    @classmethod
+    def parse(cls, text: str) -> "Policy":
+        """The one shorthand grammar: parts joined by ``+``, each one of
+
+        * ``dense`` (or ``identity``): nothing;
+        * a sparsity rule and a percentage: ``topk50``, ``threshold40``, ``weighted30``, ``greedy50``;
+        * a weight format: ``int8``, ``int4-g64``, ``int4-g64-asym``, ``int8-block64``, ``fp8``, ``bf16``. It
+          covers the embedding and the output head too, as torchao and llama.cpp count a format (at batch
+          1 the head is a large share of the bytes a token reads); ``head:FORMAT`` sets the head apart
+          (``head:none`` leaves it as loaded);
+        * an attention selector: ``topk:64``, ``indexer:0.25``, ``window:4+256``, ``hierarchical:32/128``.
+
+        The CLI's ``--sparsity/--precision/--attention`` flags are the same grammar spelled as flags
+        (there a format leaves the head alone unless ``--head-precision`` says otherwise).
+
+        >>> Policy.parse("threshold50+int8").default.weights.label
+        'int8'
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise PolicyError(f"a policy shorthand must be a non-empty string, got {text!r}")
+        sparsity, rule, precision, attention, head = 0.0, None, "none", "dense", None
+        for part in _shorthand_parts(text.strip()):
+            m = re.fullmatch(r"([a-z_]+?)(\d+)", part)
+            if part in ("dense", "identity"):
+                continue
+            if part.startswith("head:"):
+                head = part[5:]
+                parse_precision(head)
+            elif ":" in part:
+                parse_attention(part)
+                attention = part
+            elif m and m.group(1) in SPARSITY_RULES and m.group(1) != "dense":
+                if int(m.group(2)) >= 100:
+                    raise PolicyError(f"cannot parse policy {text!r}: sparsity {part!r} must be below 100%")
+                rule, sparsity = m.group(1), int(m.group(2)) / 100
+            else:
+                parse_precision(part)  # names what is allowed when it is none of the above
+                precision = part
+        if head is None and precision != "none":
+            head = precision
+        return cls.uniform(sparsity, rule, precision, attention, name=text.strip(),
+                           head=None if head in (None, "none") else head)
+
     def with_rule(self, match: str, **sections: Any) -> "Policy":
         """Append a rule whose unspecified sections inherit the default: ``with_rule("role:down", weights=W)``."""
         setting = dataclasses.replace(self.default, **sections)
@@ -309,6 +352,21 @@ class Policy:
 
 
 _SECTIONS = {"sparsity": Sparsity, "weights": Weights, "attention": Attention}
+
+
+def _shorthand_parts(text: str) -> list[str]:
+    """Split on ``+``, except inside an attention budget that has its own ``+`` (``window:4+256``): a
+    part of digits alone belongs to the part before it."""
+    parts: list[str] = []
+    for piece in text.split("+"):
+        piece = piece.strip()
+        if piece.isdigit() and parts and ":" in parts[-1]:
+            parts[-1] += "+" + piece
+        elif not piece:
+            raise PolicyError(f"cannot parse policy {text!r}: an empty part between '+' signs")
+        else:
+            parts.append(piece)
+    return parts
 
 
 def _setting_to_dict(s: Setting) -> dict:

@@ -41,7 +41,7 @@ import torch
 import uvicorn
 
 from workbench import Engine
-from workbench.bench import parse_bench_policy
+from workbench.policy import Policy
 from workbench.evaluate import environment
 from workbench.server import build, close
 
@@ -250,7 +250,7 @@ def run_clients(url: str, args, expected, results) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    policies = [parse_bench_policy(name.strip()) for name in args.policies.split(",") if name.strip()]
+    policies = [Policy.parse(name.strip()) for name in args.policies.split(",") if name.strip()]
     engine = Engine.from_pretrained(args.model, device=args.device)
     t0 = time.perf_counter()
     expected = expected_answers(engine, policies, args.max_tokens)

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import re
 from dataclasses import dataclass
@@ -133,3 +134,18 @@ def allocate(sensitivity, budget_bytes: int | None = None, budget_bits: float | 
     assignment = {fqn: hulls[u][choice[u]][2] for u in hulls for fqn in sensitivity.units[u]}
     predicted = sum(hulls[u][choice[u]][1] for u in hulls)
     return Allocation(assignment, spent, predicted, 8 * spent / total_params)
+
+
+def with_auto_precision(base: Policy, sensitivity, budget_bytes: int | None = None,
+                        budget_bits: float | None = None, name: str | None = None) -> Policy:
+    """`base` with each block linear's weight format chosen from the measured `sensitivity` to fit the
+    budget, everything else of `base` (sparsity, attention, its own rules first) kept: the one way the
+    CLI (`--precision auto`), the PrecisionTuner and notebook 04 compose `auto` with a policy.
+
+    >>> with_auto_precision(Policy.uniform(0.4), scan, budget_bits=5.0)  # doctest: +SKIP
+    """
+    auto = auto_policy(sensitivity, budget_bytes, budget_bits)
+    rules = tuple(dataclasses.replace(r, setting=dataclasses.replace(base.default, weights=r.setting.weights))
+                  for r in auto.rules)
+    label = name or (auto.name if base.is_identity else f"{auto.name}+{base.name}")
+    return dataclasses.replace(base, rules=base.rules + rules, name=label)

@@ -6,6 +6,8 @@ import html
 
 import ipywidgets as W
 
+from workbench.formats.mixed_precision import with_auto_precision
+from workbench.formats.sensitivity import cached_scan
 from workbench.policy import Policy, parse_precision
 from workbench.probes import PromptProber
 from workbench.widgets.panel import Panel, metrics_html
@@ -52,10 +54,9 @@ class PrecisionTuner(Panel):
 
     def policy(self) -> Policy:
         if self.format.value == "auto":
-            from workbench.formats.mixed_precision import auto_policy
-            from workbench.formats.sensitivity import cached_scan
             self.status.value = "<span class='wb-busy'>measuring sensitivity (once, then cached)…</span>"
-            return auto_policy(cached_scan(self.engine, progress=False), budget_bits=self.budget.value)
+            return with_auto_precision(Policy.identity(), cached_scan(self.engine, progress=False),
+                                       budget_bits=self.budget.value)
         policy = Policy.uniform(precision=self.format.value)
         for i, d in enumerate(self.layer_formats):
             if d.value != "(model-wide)":
