@@ -1,10 +1,10 @@
-"""The engine's own decode loop: equal to transformers' generate, slots joining and leaving, stops, errors."""
+"""The batch runner (the engine's one decode loop): equal to transformers' generate, slots joining and
+leaving, stops, errors."""
 import pytest
 import torch
 
 from workbench import Engine, InputError, Policy
-from workbench.decode import (Decoder, Finisher, SamplingParams, Sequence, SlotKVCache, decode_loop,
-                              unsupported_reason)
+from workbench.runtime import BatchRunner, Decoder, Finisher, SamplingParams, Sequence, SlotKVCache, unsupported_reason
 
 LLAMA_FAMILY = ["synthetic:tiny-llama", "synthetic:tiny-qwen2", "synthetic:tiny-mistral"]
 PROMPTS = ["abc", "hello world, a longer prompt", "x"]
@@ -20,11 +20,10 @@ def hf_greedy(engine: Engine, prompt: str, n: int) -> list[int]:
 
 
 def run(engine: Engine, prompts, slots: int, params: SamplingParams, capacity: int = 128) -> list[Sequence]:
-    decoder = Decoder(engine.model)
-    cache = SlotKVCache.for_model(engine.model, slots, capacity)
+    runner = BatchRunner(engine, slots, capacity, finisher=Finisher(engine.eos_ids(), None))
     seqs = [Sequence(engine.tokenizer(p, add_special_tokens=False)["input_ids"], params) for p in prompts]
     with torch.inference_mode():
-        for _ in decode_loop(decoder, cache, seqs, Finisher(engine.eos_ids(), None)):
+        for _ in runner.run(seqs):
             pass
     return seqs
 
@@ -41,15 +40,14 @@ def test_more_sequences_than_slots_join_as_slots_free():
     engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
     lengths = [3, 9, 5, 7]
     prompts = ["one", "two two", "three", "four four four"]
-    decoder = Decoder(engine.model)
-    cache = SlotKVCache.for_model(engine.model, slots=2, capacity=64)
+    runner = BatchRunner(engine, slots=2, capacity=64, finisher=Finisher(engine.eos_ids(), None))
     seqs = [Sequence(engine.tokenizer(p, add_special_tokens=False)["input_ids"], SamplingParams(max_new_tokens=n))
             for p, n in zip(prompts, lengths)]
     in_flight = []
     with torch.inference_mode():
-        for _ in decode_loop(decoder, cache, seqs, Finisher(engine.eos_ids(), None)):
+        for _ in runner.run(seqs):
             in_flight.append(sum(s.slot is not None for s in seqs))
-    assert max(in_flight) == 2 and cache.free_slots == 2
+    assert max(in_flight) == 2 and runner.free_slots == 2
     for prompt, seq, n in zip(prompts, seqs, lengths):
         assert seq.tokens == hf_greedy(engine, prompt, n)  # a reused slot carries nothing over
 
@@ -84,9 +82,9 @@ def test_finish_reasons_eos_stop_and_length():
     engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
     free = run(engine, ["abc"], 1, SamplingParams(max_new_tokens=6, ignore_eos=True))[0].tokens
     seq = Sequence(engine.tokenizer("abc")["input_ids"], SamplingParams(max_new_tokens=6))
-    cache, decoder = SlotKVCache.for_model(engine.model, 1, 32), Decoder(engine.model)
+    runner = BatchRunner(engine, 1, 32, finisher=Finisher({free[2]}, None))  # call the third token "eos"
     with torch.inference_mode():
-        list(decode_loop(decoder, cache, [seq], Finisher({free[2]}, None)))  # call the third token "eos"
+        list(runner.run([seq]))
     assert seq.finish_reason == "eos" and seq.tokens == free[:free.index(free[2])]
     text = engine.tokenizer.decode(free)
     stop = text[1:3] if len(text) > 3 else text

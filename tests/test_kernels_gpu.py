@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from workbench.attention import block_sparse as ref
+from workbench.sparsity.rules import Cut
 
 pytestmark = pytest.mark.gpu
 
@@ -113,7 +114,8 @@ def test_topk_threshold_keeps_exactly_k(d):
 
 def _step_logits(engine, kernels: bool, graph: bool):
     """Prefill two prompts, then one decode step for both slots: (2, V) logits."""
-    from workbench.decode import Decoder, GraphedStep, SlotKVCache
+    from workbench.runtime import Decoder, SlotKVCache
+    from workbench.runtime.graphs import GraphedStep
     from workbench.transforms import wrappers
     for _, w in wrappers(engine.model):
         w.kernel = None if kernels else False
@@ -121,7 +123,7 @@ def _step_logits(engine, kernels: bool, graph: bool):
     with torch.inference_mode():
         for slot, text in enumerate(["The quick brown fox", "Sparse kernels for decoding"]):
             ids = torch.tensor(engine.tokenizer(text)["input_ids"], device="cuda")
-            with engine._dense_prefill():
+            with engine.dense_prefill():
                 decoder.prefill(cache, slot, ids)
         step = GraphedStep(decoder, cache) if graph else decoder.step
         engine.reset_stats()
@@ -170,7 +172,7 @@ def test_fused_decode_ops_match_torch():
     dt, dev = torch.bfloat16, "cuda"
     x, delta = (torch.randn(3, 1, 4096, device=dev, dtype=dt) for _ in range(2))
     w = torch.rand(4096, device=dev, dtype=dt) + 0.5
-    out, h, sel = add_rmsnorm(x, delta, w, 1e-5, cut=("topk", 1024))
+    out, h, sel = add_rmsnorm(x, delta, w, 1e-5, cut=Cut("topk", 1024))
     cut = sel.cut
     s = (x + delta).float()
     want = (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dt) * w
@@ -178,7 +180,7 @@ def test_fused_decode_ops_match_torch():
     _close(h, want.float(), 1e-2)
     assert ((h.abs() > cut.view(3, 1, 1)).sum(-1) <= 1024).all() and ((h.abs() > cut.view(3, 1, 1)).sum(-1) >= 1000).all()
     g, u = torch.randn(2, 14336, device=dev, dtype=dt), torch.randn(2, 14336, device=dev, dtype=dt)
-    y, sel = silu_mul(g, u, cut=("topk", 7168))
+    y, sel = silu_mul(g, u, cut=Cut("topk", 7168))
     above = (y.abs() > sel.cut[:, None]).sum(-1)
     assert torch.equal(sel.count, above.int()) and (above <= 7168).all() and (above > 7100).all()  # bf16 ties
     for row in range(2):  # the kept indices, ascending, are exactly the entries above the cut
@@ -239,7 +241,8 @@ def test_lora_on_cuda_trains_merges_and_gets_its_kernels_back(precision):
 def test_graphed_prefill_equals_the_eager_prefill(precision):
     """Bucketed, padded and replayed from a graph: the same logits and the same cache as the eager pass."""
     from workbench import Engine, Policy
-    from workbench.decode import Decoder, GraphedPrefill, SlotKVCache
+    from workbench.runtime import Decoder, SlotKVCache
+    from workbench.runtime.graphs import GraphedPrefill
     engine = Engine.from_pretrained("synthetic:smollm2-135m", device="cuda", dtype=torch.bfloat16,
                                     policy=Policy.uniform(0.0, precision=precision))
     decoder = Decoder(engine.model)
@@ -250,7 +253,7 @@ def test_graphed_prefill_equals_the_eager_prefill(precision):
              ([3, 4, 5, 6, 7], [12, 100, 64, 2, 90]), ([3], [1])]
     # 5 prompts: bucket 6 (a repeated row); the third case replays the first's bucket; the fourth is past
     # max_tokens (6 x 128) and runs eager
-    with torch.inference_mode(), engine._dense_prefill():
+    with torch.inference_mode(), engine.dense_prefill():
         for slots, lengths in cases:
             prompts = [torch.randint(0, 1000, (n,), generator=g).cuda() for n in lengths]
             want = decoder.prefill_batch(eager, slots, prompts)
@@ -267,14 +270,14 @@ def test_graphed_prefill_equals_the_eager_prefill(precision):
 def test_scheduler_on_gpu_answers_every_request_as_sequential_greedy():
     """Graphed prefill and graphed decode step under continuous batching: each answer is its own."""
     from workbench import Engine
-    from workbench.decode import GraphedPrefill, SamplingParams
+    from workbench import SamplingParams
     from workbench.scheduler import Scheduler
     engine = Engine.from_pretrained("synthetic:tiny-llama", device="cuda", dtype=torch.float32)
     prompts = [f"prompt number {i} " + "word " * (i % 7) for i in range(20)]
     lengths = [3 + (i % 4) * 3 for i in range(len(prompts))]
     expected = [engine.generate([p], max_new_tokens=n, chat=False)[0] for p, n in zip(prompts, lengths)]
     with Scheduler(engine, max_num_seqs=6) as scheduler:
-        assert scheduler.warm_up(64) > 0 and isinstance(scheduler._prefill, GraphedPrefill)
+        assert scheduler.warm_up(64) > 0 and scheduler.runner.prefill_graphs is not None
         requests = [scheduler.submit(p, SamplingParams(max_new_tokens=n), chat=False) for p, n in zip(prompts, lengths)]
         assert [r.result(timeout=120)["text"] for r in requests] == expected
         assert scheduler.prefills < len(prompts)

@@ -156,8 +156,8 @@ def test_generation_with_adapters_attached_follows_the_adapted_model():
     for _ in range(4):  # greedy by hand with full forwards
         nxt = engine.forward(torch.cat([ids, torch.tensor([tokens], dtype=torch.long)], 1) if tokens else ids)
         tokens.append(int(nxt[0, -1].argmax()))
-    (seq,) = engine._sequences(["some prompt"], False, engine._sampling(4, 0.0, 1.0, 0, None, None))
-    with engine._lock:
-        for _ in engine._loop([seq], engine.finisher()):
+    (seq,) = engine.sequences(["some prompt"], engine.sampling(max_new_tokens=4), chat=False)
+    with engine.exclusive(), torch.inference_mode():
+        for _ in engine.runner(1, 128).run([seq]):
             pass
     assert seq.tokens and seq.tokens == tokens[:len(seq.tokens)]  # (an end-of-text token may end it early)

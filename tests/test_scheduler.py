@@ -7,7 +7,7 @@ import torch
 from workbench import Engine, Policy
 from workbench.batcher import DynamicBatcher
 from workbench.controller import ControllerConfig, ElasticController, Forecaster
-from workbench.decode import SamplingParams
+from workbench import SamplingParams
 from workbench.errors import InputError
 from workbench.metrics import Metrics
 from workbench.scheduler import QueueFull, Scheduler

@@ -11,10 +11,10 @@ import httpx
 import pytest
 import uvicorn
 
-import workbench.decode
-import workbench.scheduler
+import workbench.runtime.decoder
+import workbench.runtime.runner
 from workbench import Engine, Policy
-from workbench.decode import SamplingParams
+from workbench import SamplingParams
 from workbench.errors import InputError, PolicyError, WorkbenchError
 from workbench.scheduler import Scheduler
 from workbench.server import build, close
@@ -49,13 +49,13 @@ def assert_ten_normal_requests(scheduler, expected):
 @pytest.fixture
 def failing_seed(monkeypatch):
     """`sample` raises for the request whose seed is BAD_SEED, and only for it."""
-    real = workbench.scheduler.sample
+    real = workbench.runtime.runner.sample
 
     def sample(logits, params, generator, previous=None):
         if params.seed == BAD_SEED:
             raise RuntimeError("boom in sampling")
         return real(logits, params, generator, previous)
-    monkeypatch.setattr(workbench.scheduler, "sample", sample)
+    monkeypatch.setattr(workbench.runtime.runner, "sample", sample)
 
 
 # ---- (a) a raise in one request's sampling ---------------------------------------------------------------
@@ -119,14 +119,14 @@ def test_the_failing_request_gets_a_json_500_and_the_next_ones_their_answers(eng
 
 # ---- (c) a failed decode step ------------------------------------------------------------------------------
 def test_a_failed_decode_step_fails_its_requests_then_serving_goes_on(engine, expected, monkeypatch):
-    real, armed = workbench.decode.Decoder.step, threading.Event()
+    real, armed = workbench.runtime.decoder.Decoder.step, threading.Event()
 
     def step(self, cache, ids):
         if armed.is_set():
             armed.clear()  # one call only
             raise RuntimeError("boom in a decode step")
         return real(self, cache, ids)
-    monkeypatch.setattr(workbench.decode.Decoder, "step", step)
+    monkeypatch.setattr(workbench.runtime.decoder.Decoder, "step", step)
     with Scheduler(engine, max_num_seqs=4) as scheduler:
         stepping = [scheduler.submit(f"long {i}", greedy(200, ignore_eos=True), chat=False) for i in range(3)]
         deadline = time.time() + 60
@@ -138,13 +138,13 @@ def test_a_failed_decode_step_fails_its_requests_then_serving_goes_on(engine, ex
                 r.result(timeout=60)
         assert not armed.is_set() and scheduler.alive
         assert_ten_normal_requests(scheduler, expected)
-        assert scheduler.load["running"] == 0 and scheduler._cache.free_slots == 4
+        assert scheduler.load["running"] == 0 and scheduler.runner.free_slots == 4
 
 
 # ---- (d) a failed prefill of a batch ---------------------------------------------------------------------------
 def test_a_failed_batched_prefill_fails_only_the_culprit(engine, expected, monkeypatch):
     marker = engine.token_ids([MARKER], chat=False)[0][-1]
-    real = workbench.decode.Decoder.prefill_batch
+    real = workbench.runtime.decoder.Decoder.prefill_batch
     batched = []
 
     def prefill_batch(self, cache, slots, prompts):
@@ -152,7 +152,7 @@ def test_a_failed_batched_prefill_fails_only_the_culprit(engine, expected, monke
         if any(bool((p == marker).any()) for p in prompts):
             raise RuntimeError("boom in prefill")
         return real(self, cache, slots, prompts)
-    monkeypatch.setattr(workbench.decode.Decoder, "prefill_batch", prefill_batch)
+    monkeypatch.setattr(workbench.runtime.decoder.Decoder, "prefill_batch", prefill_batch)
     with Scheduler(engine, max_num_seqs=4, start=False) as scheduler:
         good = [scheduler.submit(p, greedy(), chat=False) for p in ("batched with the culprit", PROMPTS[0])]
         bad = scheduler.submit(f"the culprit {MARKER} here", greedy(), chat=False)
@@ -164,7 +164,7 @@ def test_a_failed_batched_prefill_fails_only_the_culprit(engine, expected, monke
             expected[p] for p in ("batched with the culprit", PROMPTS[0], PROMPTS[1])]
         assert batched[0] == 4  # they really were prefilled as one batch first
         assert_ten_normal_requests(scheduler, expected)
-        assert scheduler.failed_requests == 1 and scheduler._cache.free_slots == 4
+        assert scheduler.failed_requests == 1 and scheduler.runner.free_slots == 4
 
 
 # ---- a listener that raises (the server's bridge, once its event loop is gone) ----------------------------------

@@ -370,7 +370,7 @@ def test_every_fuzzed_request_is_answered_and_the_server_stays_whole(live, valid
     assert status == 200 and text == expected
     settle(server, fuzzer.url)
     assert server.scheduler.load["running"] == 0 and server.scheduler.load["waiting"] == 0
-    assert server.scheduler._cache.free_slots == server.scheduler.max_num_seqs  # no slot leaked
+    assert server.scheduler.runner.free_slots == server.scheduler.max_num_seqs  # no slot leaked
     assert metric(fuzzer.url, "workbench:num_requests_running") == 0
     assert server.scheduler.failed_requests == 0 and server.scheduler.alive
     failures = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

@@ -78,7 +78,7 @@ def test_lora_data_takes_the_models_ids(engine):
 
 def test_scheduler_batcher_and_loadtest_use_the_models_ids(engine):
     from workbench.batcher import DynamicBatcher
-    from workbench.decode import SamplingParams
+    from workbench import SamplingParams
     from workbench.loadtest import make_workload
     from workbench.scheduler import Scheduler
     with Scheduler(engine, max_num_seqs=2) as scheduler:

@@ -14,7 +14,8 @@ from workbench.sparsity import rules as _rules  # noqa: F401
 from workbench.engine import Engine
 from workbench.errors import InputError, ModelError, PolicyError, WorkbenchError
 from workbench.policy import Attention, Policy, Rule, Setting, Sparsity, Weights
+from workbench.runtime.sampling import SamplingParams
 
-__all__ = ["Engine", "Policy", "Rule", "Setting", "Sparsity", "Weights", "Attention",
+__all__ = ["Engine", "Policy", "Rule", "Setting", "Sparsity", "Weights", "Attention", "SamplingParams",
            "WorkbenchError", "PolicyError", "ModelError", "InputError"]
 __version__ = "0.1.0"

@@ -13,7 +13,6 @@ covers the output head too), ``topkNN`` (NN% activation sparsity, exact per toke
 from __future__ import annotations
 
 import gc
-import platform
 import resource
 import statistics
 import time
@@ -21,8 +20,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from workbench.engine import Engine
+from workbench.environment import environment
 from workbench.errors import InputError
 from workbench.policy import Policy
+from workbench.roles import linear_modules
+from workbench.runtime.cache import cache_capacity
+from workbench.runtime.decoder import unsupported_reason
+from workbench.runtime.sampling import SamplingParams, Sequence
+from workbench.transforms import wrappers
 
 DEFAULT_POLICIES = ("dense", "int8", "int4-g64", "topk25", "topk40", "topk50", "topk50+int8")
 
@@ -74,7 +80,6 @@ def step_bytes(engine, batch: int, context: int) -> int:
     """Bytes one decode step must read at least: every linear layer's weight as the policy stores it,
     less the columns a sparsified layer skips (batch 1 only: a batch reads the union of its tokens'
     columns), plus the KV cache it attends over. The embedding table is not read (one row per token)."""
-    from workbench.roles import linear_modules
     total = 0
     for _, m, _ in linear_modules(engine.model):
         if getattr(m, "is_workbench_linear", False):
@@ -90,40 +95,35 @@ def step_bytes(engine, batch: int, context: int) -> int:
 
 
 def time_decode(engine, batch: int, prompt_tokens: int, new_tokens: int, seed: int = 0) -> list[float]:
-    """Milliseconds of each decode step (after prefill) through the engine's own loop."""
-    from workbench.decode import Finisher, SamplingParams, Sequence, decode_loop
+    """Milliseconds of each decode step (after prefill) through the engine's batch runner, the loop
+    `Engine.generate` runs (CUDA-graph step on GPU, greedy tokens fed back on the device)."""
     g = torch.Generator().manual_seed(seed)
     vocab = engine.model.config.vocab_size
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     seqs = [Sequence(torch.randint(0, vocab, (prompt_tokens,), generator=g).tolist(), params) for _ in range(batch)]
-    decoder, cache, step = engine.decode_state(batch, _capacity(prompt_tokens, new_tokens))
+    runner = engine.runner(batch, cache_capacity(prompt_tokens + new_tokens))
     device = engine.device
     stamps = []
-    with torch.inference_mode():  # the loop yields once after the prefills, then after every step
-        for _ in decode_loop(decoder, cache, seqs, Finisher(set(), None), step, engine._dense_prefill):
+    with engine.exclusive(), torch.inference_mode():  # the loop yields once after the prefills, then every step
+        for _ in runner.run(seqs):
             _sync(device)
             stamps.append(time.perf_counter())
     times = [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
     return times[1:] if len(times) > 2 else times  # the first step after the prefills is not steady state
 
 
-def _capacity(prompt_tokens: int, new_tokens: int) -> int:
-    return -(-(prompt_tokens + new_tokens) // 256) * 256
-
-
 def time_graph(engine, batch: int, capacity: int, reps: int = 20) -> float | None:
     """Milliseconds of one replay of the captured decode step alone (no host work): the GPU's share."""
-    from workbench.decode import GraphedStep
-    _, cache, step = engine.decode_state(batch, capacity)
-    if not isinstance(step, GraphedStep):
-        return None
-    with torch.inference_mode():
+    runner = engine.runner(batch, capacity)
+    with engine.exclusive(), torch.inference_mode():
         ids = torch.zeros(batch, dtype=torch.long, device=engine.device)
-        step(cache, ids)
+        runner.raw_step(ids)
+        if runner.graph is None:
+            return None
         _sync(engine.device)
         t0 = time.perf_counter()
         for _ in range(reps):
-            step(cache, ids)
+            runner.raw_step(ids)
         _sync(engine.device)
     return (time.perf_counter() - t0) / reps * 1e3
 
@@ -149,7 +149,6 @@ def time_transformers(engine, prompt_tokens: int, new_tokens: int) -> float:
 
 
 def kernel_census(engine) -> dict:
-    from workbench.transforms import wrappers
     if engine.device.type != "cuda":
         return {}
     from workbench.kernels.dispatch import describe
@@ -160,29 +159,10 @@ def kernel_census(engine) -> dict:
     return out
 
 
-def environment(device: torch.device, bandwidth: float) -> dict:
-    import transformers
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "device": str(device),
-           "copy_bandwidth_gb_s": bandwidth / 1e9}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-        try:
-            import triton
-            env["triton"] = triton.__version__
-        except ImportError:
-            env["triton"] = None
-    else:
-        env["cpu"] = platform.processor() or platform.machine()
-        env["threads"] = torch.get_num_threads()
-    return env
-
-
 def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_tokens: int = 128,
               new_tokens: int = 64, transformers_baseline: bool = True, device: str | None = None,
               progress=None) -> dict:
     """The whole matrix; returns a JSON-able dict (rows, baseline, roofline, environment)."""
-    from workbench.engine import Engine
     parsed = [(name, Policy.parse(name)) for name in policies]  # bad names fail before the load
     if any(b < 1 for b in batches):
         raise InputError("batch sizes must be positive")
@@ -190,7 +170,6 @@ def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_toke
         raise InputError("bench needs --prompt-tokens >= 1 and --new-tokens >= 3")
     engine = Engine.from_pretrained(model, device=device)
     if engine.decode_path != "workbench":
-        from workbench.decode import unsupported_reason
         raise InputError(f"bench times the engine's decode loop, which does not cover this model: "
                          f"{unsupported_reason(engine.model)}")
     dev = engine.device
@@ -215,7 +194,7 @@ def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_toke
             times = time_decode(engine, batch, prompt_tokens, new_tokens)
             ms = statistics.median(times)
             stats = engine.stats()  # before the graph-only timing adds steps of token 0
-            graph_ms = time_graph(engine, batch, _capacity(prompt_tokens, new_tokens))
+            graph_ms = time_graph(engine, batch, cache_capacity(prompt_tokens + new_tokens))
             sparsity = (stats["achieved_sparsity"] or {}).get("overall")
             row = Row(name, batch, ms, batch * 1e3 / ms, stats["weight_bytes"], _peak_bytes(dev),
                       step_bytes(engine, batch, prompt_tokens + new_tokens // 2) / bandwidth * 1e3,
@@ -223,7 +202,7 @@ def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_toke
             result["rows"].append(asdict(row))
             say(f"{name:>14} batch {batch}: {ms:7.2f} ms/step  {row.tokens_per_s:8.1f} tok/s  "
                 f"roofline {row.roofline_ms:6.2f} ms" + (f"  graph {graph_ms:6.2f} ms" if graph_ms else ""))
-        engine._decode_states.clear()
+        engine.invalidate()  # frees the runner's cache before the next policy
     _summarise(result)
     return result
 

@@ -8,13 +8,13 @@ and its windows come from `workbench.corpus` (BOS first where the model uses one
 from __future__ import annotations
 
 import math
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
 
 from workbench.corpus import DEFAULT_MAX_TOKENS, DEFAULT_SEQ_LEN, load_text, token_windows
+from workbench.environment import environment
 
 def compare_logits(ref: torch.Tensor, mod: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-position metrics for logits (N, V) and next tokens (N,): KL(ref||mod), NLLs, top-1 agreement."""
@@ -72,13 +72,3 @@ def evaluate(engine, corpus: str | None = None, seq_len: int = DEFAULT_SEQ_LEN,
         "seconds": round(time.perf_counter() - t0, 2),
         **environment(),
     }
-
-
-def environment() -> dict:
-    """Versions recorded with every result."""
-    import transformers
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "machine": platform.machine()}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-    return env

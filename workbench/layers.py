@@ -29,9 +29,9 @@ def check_setting(base: nn.Module, setting: Setting, fqn: str, embedding: bool =
 class SharedInputCache:
     """One-entry memo of the last sparsified input, shared by a model's wrappers.
 
-    q/k/v (and gate/up) receive the very same tensor; with equal sparsifier keys the first computes the
-    sparse input and the zero count, the others reuse them. The tensor's version counter guards against
-    in-place edits between the calls.
+    q/k/v (and gate/up) receive the very same tensor; under equal cuts the first computes the sparse input
+    (key `(cut, "masked")`) or the kernel's selection (`(cut, "selection")`) and the zero count, the
+    others reuse them. The tensor's version counter guards against in-place edits between the calls.
     """
 
     def __init__(self):
@@ -113,7 +113,8 @@ class WorkbenchLinear(nn.Module):
         return kernel_forward(self, x)
 
     def _sparsify(self, x: torch.Tensor) -> torch.Tensor:
-        cache, key = self.input_cache, self.sparsifier.key
+        cut = self.sparsifier.cut
+        cache, key = self.input_cache, (None if cut is None else (cut, "masked"))
         if cache is not None and key is not None and cache.matches(x, key):
             xs, nonzero = cache.output, cache.nonzero
         else:

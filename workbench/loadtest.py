@@ -16,15 +16,27 @@ Measured per run: request and token throughput, time to first token (p50, p99), 
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import random
 import threading
 import time
 from dataclasses import dataclass
 
-from workbench.decode import SamplingParams
+import torch
+
+from workbench.controller import ControllerConfig, ElasticController
+from workbench.corpus import corpus_split
+from workbench.environment import environment
 from workbench.errors import InputError
+from workbench.evaluate import evaluate
+from workbench.metrics import Metrics
 from workbench.policy import Policy
+from workbench.runtime.cache import cache_capacity
+from workbench.runtime.sampling import SamplingParams
+from workbench.scheduler import QueueFull, Scheduler
+from workbench.tokens import bos_id
 
 
 @dataclass(frozen=True)
@@ -38,8 +50,6 @@ def make_workload(tokenizer, n: int, rate: float, prompt_tokens: int = 64, outpu
                   spread: float = 0.5, seed: int = 0) -> list[WorkItem]:
     """`n` requests arriving as a Poisson process of `rate` per second (inf: all at time 0); lengths
     uniform in [mean * (1 - spread), mean * (1 + spread)]."""
-    from workbench.corpus import corpus_split
-    from workbench.tokens import bos_id
     if n < 1 or not rate > 0 or prompt_tokens < 1 or output_tokens < 1 or not 0 <= spread < 1:
         raise InputError("a workload needs n >= 1, rate > 0, positive lengths and spread in [0, 1)")
     rng = random.Random(seed)
@@ -86,7 +96,6 @@ def run_scheduler(scheduler, workload: list[WorkItem], slo_ttft_s: float, slo_tp
                   on_tick=None) -> dict:
     """Submit each request at its arrival time (a feeder thread), wait for all, summarise.
     A request refused with QueueFull counts as failed (it misses the SLO), never as silently dropped."""
-    from workbench.scheduler import QueueFull
     requests, refused = [], []
     before = (scheduler.busy_s, scheduler.prefill_s, scheduler.decode_s)
     t0 = time.perf_counter()
@@ -126,16 +135,11 @@ def run_transformers(engine, workload: list[WorkItem], slots: int) -> dict:
     once, at most `slots` requests per batch (as ours): its saturation throughput (it has no arrival
     process). It takes one max_new_tokens for all, so every request runs to the longest output; tokens
     per second counts what it generated. A small untimed call first builds its manager (and CUDA graphs)."""
-    import inspect
-
-    import torch
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # here: the server's import stays free of it until it runs
     config = GenerationConfig(max_new_tokens=max(w.max_new_tokens for w in workload), do_sample=False,
                               eos_token_id=-1, pad_token_id=engine.tokenizer.pad_token_id or 0)
     kwargs = {"generation_config": config, "progress_bar": False}
     if "continuous_batching_config" in inspect.signature(engine.model.generate_batch).parameters:
-        import dataclasses
-
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
         longest = max(len(w.prompt_ids) for w in workload) + config.max_new_tokens
         # A cache sized for the work (its default sizes itself from free memory, which on a CPU is most of RAM).
@@ -147,7 +151,7 @@ def run_transformers(engine, workload: list[WorkItem], slots: int) -> dict:
     prompts = [list(w.prompt_ids) for w in workload]
     # no_grad, not inference_mode: its generation loop runs in a thread of its own and updates its
     # static tensors in place, which inference tensors refuse.
-    with engine._lock, torch.no_grad():
+    with engine.exclusive(), torch.no_grad():
         engine.model.generate_batch(prompts[:2], **kwargs)  # warm-up, untimed
         t0 = time.perf_counter()
         outputs = engine.model.generate_batch(prompts, **kwargs)
@@ -167,14 +171,10 @@ def run_loadtest(engine, requests: int = 16, rates=(math.inf,), prompt_tokens: i
     """The comparison the serving experiment reports: saturation throughput per mode, a Poisson rate sweep
     of continuous batching, and, at `overload` x the measured capacity, the fixed policy against the
     elastic controller (with the held-out KLD of every rung it used)."""
-    from workbench.controller import ControllerConfig, ElasticController
-    from workbench.evaluate import environment, evaluate
-    from workbench.metrics import Metrics
-    from workbench.scheduler import Scheduler
     say = progress or (lambda msg: None)
     base = engine.policy
     saturated = make_workload(engine.tokenizer, requests, math.inf, prompt_tokens, output_tokens, seed=seed)
-    capacity_len = -(-(int(prompt_tokens * 1.5) + int(output_tokens * 1.5) + 2) // 256) * 256
+    capacity_len = cache_capacity(int(prompt_tokens * 1.5) + int(output_tokens * 1.5) + 2)
     rows = []
 
     def scheduled(name, slots, workload, rate, controller_config=None):

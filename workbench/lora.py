@@ -100,8 +100,8 @@ def attach_lora(engine, r: int = 16, alpha: float = 32, targets=("q", "v"), drop
     names = _resolve_targets(model, targets)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
     config._register_custom_module({WorkbenchLinear: _lora_linear()})
-    with engine._lock:
-        engine._decode_states.clear()  # captured decode graphs hold the modules being replaced
+    with engine.exclusive():
+        engine.invalidate()  # captured decode graphs hold the modules being replaced
         for p in model.parameters():
             p.requires_grad_(False)
         with warnings.catch_warnings():  # peft warns about any custom layer type; ours is registered above
@@ -126,8 +126,8 @@ def merge(engine) -> dict:
     the adapter layers. Returns the requantization error per layer whose merge was not exact (SQNR dB,
     max abs error); a float32 layer takes the update exactly and is left out."""
     report = {}
-    with engine._lock:
-        engine._decode_states.clear()
+    with engine.exclusive():
+        engine.invalidate()
         for name, layer in lora_layers(engine.model):
             layer.merge()
             for adapter, r in getattr(layer, "merge_reports", {}).items():
@@ -141,8 +141,8 @@ def merge(engine) -> dict:
 
 def unload(engine) -> None:
     """Remove the adapters without merging: the model is as it was before `attach_lora`."""
-    with engine._lock:
-        engine._decode_states.clear()
+    with engine.exclusive():
+        engine.invalidate()
         _remove_adapters(engine.model)
 
 
@@ -301,8 +301,8 @@ def train(engine, data, steps: int | None = None, epochs: int | None = None, lr:
             yield from _batches(examples, batch, pad, g)
 
     stream = batches()
-    with engine._lock:
-        engine._decode_states.clear()
+    with engine.exclusive():
+        engine.invalidate()
         engine.model.train()
         try:
             while done < total:

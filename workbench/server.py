@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect, Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from workbench.decode import SEED_RANGE, SamplingParams
+from workbench.runtime.sampling import SEED_RANGE, SamplingParams
 from workbench.errors import InputError, WorkbenchError
 from workbench.scheduler import QueueFull
 

@@ -16,7 +16,7 @@ import torch
 
 from workbench import Engine, Policy
 from workbench.corpus import corpus_split, token_windows
-from workbench.evaluate import environment
+from workbench.environment import environment
 
 
 def median_ms(engine, ids, repeats):

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from workbench import Engine
-from workbench.evaluate import environment
+from workbench.environment import environment
 from workbench.sweep import sweep_sparsity
 from workbench.viz import save_figure, sweep_figure
 

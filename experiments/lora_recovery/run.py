@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from workbench import Engine, Policy
-from workbench.evaluate import environment, evaluate
+from workbench.environment import environment
+from workbench.evaluate import evaluate
 from workbench.lora import attach_lora, merge, train
 from workbench.lora_tasks import corpus_chunks
 from workbench.viz import recovery_figure, save_figure

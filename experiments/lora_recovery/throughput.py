@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from workbench import Engine, Policy
-from workbench.evaluate import environment
+from workbench.environment import environment
 from workbench.lora import attach_lora, train, unload
 from workbench.lora_tasks import corpus_chunks
 

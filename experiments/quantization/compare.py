@@ -16,7 +16,8 @@ import re
 from pathlib import Path
 
 from workbench import Engine, Policy, PolicyError
-from workbench.evaluate import environment, evaluate
+from workbench.environment import environment
+from workbench.evaluate import evaluate
 from workbench.formats.mixed_precision import allocate, llamacpp_policy, variance_policy
 from workbench.policy import Rule, Setting, parse_precision
 from workbench.formats.sensitivity import cached_scan

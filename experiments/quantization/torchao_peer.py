@@ -18,7 +18,8 @@ import torch
 
 from workbench import Engine, Policy
 from workbench.corpus import corpus_split, token_windows
-from workbench.evaluate import compare_logits, environment
+from workbench.environment import environment
+from workbench.evaluate import compare_logits
 
 HERE = Path(__file__).resolve().parent
 

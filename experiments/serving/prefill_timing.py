@@ -13,8 +13,9 @@ import time
 import torch
 
 from workbench import Engine
-from workbench.decode import Decoder, GraphedPrefill, SlotKVCache
-from workbench.evaluate import environment
+from workbench.runtime import Decoder, SlotKVCache
+from workbench.runtime.graphs import GraphedPrefill
+from workbench.environment import environment
 
 SHAPES = [(1, 64), (1, 128), (2, 128), (4, 128), (10, 192), (16, 128)]
 
@@ -54,7 +55,7 @@ def main() -> None:
     cache = SlotKVCache.for_model(engine.model, 32, 512)
     graphed = GraphedPrefill(decoder, cache, max_tokens=10 ** 9)  # time every bucket, even the eager ones
     rows = []
-    with torch.inference_mode(), engine._dense_prefill():
+    with torch.inference_mode(), engine.dense_prefill():
         for batch, tokens in SHAPES:
             prompts = [torch.randint(0, 1000, (tokens,), device="cuda") for _ in range(batch)]
             row = {"batch": batch, "tokens": tokens, "bucket": list(graphed.bucket(batch, tokens)),

@@ -42,7 +42,7 @@ import uvicorn
 
 from workbench import Engine
 from workbench.policy import Policy
-from workbench.evaluate import environment
+from workbench.environment import environment
 from workbench.server import build, close
 
 PROMPTS = [f"Soak prompt {i}: tell me about {topic}" for i, topic in enumerate(

@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from workbench import Engine, Policy
-from workbench.evaluate import environment, evaluate
+from workbench.environment import environment
+from workbench.evaluate import evaluate
 from workbench.policy import Attention, Setting
 from workbench.viz import save_figure, sweep_figure
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from workbench import Engine
 from workbench.corpus import load_text
-from workbench.evaluate import environment
+from workbench.environment import environment
 from workbench.widgets import AttentionExplorer, PrecisionTuner, SparsityTuner
 
 

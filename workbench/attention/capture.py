@@ -78,7 +78,7 @@ def capture_attention(engine, prompt: str | list, layers: list[int] | None = Non
     selectors = dict(getattr(model, "workbench_selectors", {}) or {})
     from workbench.roles import attention_modules
     modules = dict((m.layer_idx, m) for _, m in attention_modules(model))
-    with engine._lock:
+    with engine.exclusive():
         model.workbench_capturing = True
         try:
             set_layer_selectors(model, {i: selectors.get(i, Attention()) for i in modules})

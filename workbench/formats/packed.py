@@ -24,10 +24,24 @@ INT4_GROUPS = (32, 64, 128, 256)
 
 @dataclass(frozen=True)
 class WeightFormat:
+    """One registered weight format. Its protocol: `validate` a spec, `check_shape` of a layer (and
+    `fallback` when a model-wide spec does not fit), `quantize` into a `PackedWeight`, its byte
+    arithmetic, the `labels` a person can pick, and `kernel_family`, which tells `kernels.dispatch`
+    which GPU kernel family serves it (None: the reference path)."""
+
     name: str
     quantize_fn: Callable | None = None  # (w, spec) -> dict of tensors
-    dequantize_fn: Callable | None = None  # dict -> float32 (N, K)
+    dequantize_fn: Callable | None = None  # (tensors, spec) -> float32 (N, K)
     doc: str = ""
+    kernel_family: str | None = None  # "dense" (a cast the model's dtype can use), "int8", "int4", or None
+
+    def labels(self) -> list[str]:
+        """Every spelling of this format a menu offers (``int4-g32`` ... ``int4-g256-asym``)."""
+        if self.name == "int4":
+            return [f"int4-g{g}" for g in INT4_GROUPS] + [f"int4-g{g}-asym" for g in INT4_GROUPS]
+        if self.name == "int8":
+            return ["int8", "int8-block64", "int8-block128"]
+        return [self.name]
 
     # -- parameters ------------------------------------------------------------------------------------
     def validate(self, spec: Weights) -> None:
@@ -120,14 +134,13 @@ class PackedWeight(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The exact reference weight this storage represents, float32 (N, K)."""
-        return self.fmt.dequantize_fn(self.tensors)
+        return self.fmt.dequantize_fn(self.tensors, self.spec)
 
     def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Dequantize only the given output rows (an embedding lookup): (n,) -> (n, K) float32."""
-        t = self.tensors
-        if "scale" in t and t["scale"].dim() == 2 and self.fmt.name == "int8":
+        if self.fmt.name == "int8" and self.spec.group_size:
             raise PolicyError("int8 block format cannot serve an embedding lookup; use int8 or int4")
-        return self.fmt.dequantize_fn({name: v[rows] for name, v in t.items()})
+        return self.fmt.dequantize_fn({name: v[rows] for name, v in self.tensors.items()}, self.spec)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         backend = MATMUL_BACKENDS.get((self.fmt.name, x.device.type), reference_matmul)
@@ -166,25 +179,28 @@ OPTIONAL_BACKENDS = {("int8", "cpu"): _int8pack_cpu}
 
 
 def _cast(dtype):
-    return (lambda w, spec: {"q": w.to(dtype)}), (lambda t: t["q"].float())
+    return (lambda w, spec: {"q": w.to(dtype)}), (lambda t, spec: t["q"].float())
 
 
 def _register() -> None:
-    WEIGHT_FORMATS.register("none", WeightFormat("none", doc="the model's own weights and dtype"))
+    WEIGHT_FORMATS.register("none", WeightFormat("none", doc="the model's own weights and dtype",
+                                                 kernel_family="dense"))
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         q, dq = _cast(dtype)
-        WEIGHT_FORMATS.register(name, WeightFormat(name, q, dq, doc=f"a cast to {name}"))
+        WEIGHT_FORMATS.register(name, WeightFormat(name, q, dq, doc=f"a cast to {name}", kernel_family="dense"))
     WEIGHT_FORMATS.register("fp8", WeightFormat(
-        "fp8", lambda w, spec: quant.quantize_fp8(w), quant.dequantize_fp8, doc="e4m3, per-row scale"))
+        "fp8", lambda w, spec: quant.quantize_fp8(w), lambda t, spec: quant.dequantize_fp8(t),
+        doc="e4m3, per-row scale"))
     WEIGHT_FORMATS.register("int8", WeightFormat(
         "int8",
         lambda w, spec: quant.quantize_int8_block(w, spec.group_size) if spec.group_size
         else quant.quantize_int8_channel(w),
-        lambda t: quant.dequantize_int8_block(t) if t["scale"].dim() == 2 else quant.dequantize_int8_channel(t),
-        doc="symmetric, per-row scale or absmax per b x b block"))
+        lambda t, spec: quant.dequantize_int8_block(t) if spec.group_size else quant.dequantize_int8_channel(t),
+        doc="symmetric, per-row scale or absmax per b x b block", kernel_family="int8"))
     WEIGHT_FORMATS.register("int4", WeightFormat(
-        "int4", lambda w, spec: quant.quantize_int4(w, spec.group_size, spec.symmetric), quant.dequantize_int4,
-        doc="groups of g along K, fp16 scales, symmetric or asymmetric"))
+        "int4", lambda w, spec: quant.quantize_int4(w, spec.group_size, spec.symmetric),
+        lambda t, spec: quant.dequantize_int4(t),
+        doc="groups of g along K, fp16 scales, symmetric or asymmetric", kernel_family="int4"))
 
 
 _register()

@@ -115,17 +115,17 @@ def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, h_ptr, cut_ptr, idx_ptr, c
 
 
 def _cut_args(cut) -> tuple[int, int, float]:
-    """(mode, keep, threshold) for a ("topk", keep) or ("threshold", t) cut, or None."""
+    """(mode, keep, threshold) for a `sparsity.rules.Cut` (top-k or a constant threshold), or None."""
     if cut is None:
         return 0, 0, 0.0
-    return (1, int(cut[1]), 0.0) if cut[0] == "topk" else (2, 0, float(cut[1]))
+    return (1, cut.keep, 0.0) if cut.kind == "topk" else (2, 0, cut.threshold)
 
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, cut=None):
     """(x + delta, h = rmsnorm(x + delta) * weight, the Selection of h for `cut` or None) for rows (..., D).
 
-    `cut` is ("topk", keep) or ("threshold", t): the next projections' sparsity, chosen here while the
-    row is in registers."""
+    `cut` is a `Cut` (top-k or a constant threshold): the next projections' sparsity, chosen here while
+    the row is in registers."""
     d = x.shape[-1]
     rows = x.numel() // d
     out = torch.empty_like(x) if delta is not None else x

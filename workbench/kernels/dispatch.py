@@ -23,33 +23,25 @@ import torch
 from workbench.kernels.quant_gemv import MAX_TOKENS as QUANT_TOKENS, quant_gemv, tinygemm_pack
 from workbench.kernels.sparse_gemv import MAX_TOKENS as SPARSE_TOKENS, gather_gemv, sparse_gemv
 from workbench.kernels.topk import topk_select
+from workbench.sparsity.rules import Cut
 
 
 def kernels_enabled() -> bool:
     return os.environ.get("WORKBENCH_KERNELS", "1") != "0"
 
 
-def _cut_of(layer) -> tuple[str, float] | None:
-    """("topk", keep) or ("threshold", t) for rules a kernel applies in-kernel; None: no sparsity."""
-    sp = layer.sparsifier
-    if sp is None:
-        return None
-    if sp.key is None or sp.key[0] not in ("topk", "threshold"):
-        raise LookupError("rule has no scalar cut")
-    return sp.key
-
-
 class LinearKernel:
-    """The chosen kernel for one layer, with the weight layout it needs (built once, on first use)."""
+    """The chosen kernel for one layer, with the weight layout it needs (built once, on first use).
+    `cut` is the layer's sparsity as a typed `Cut` (or None: dense input)."""
 
-    def __init__(self, layer, kind: str, cut, weight_t=None, scale=None):
+    def __init__(self, layer, kind: str, cut: Cut | None, weight_t=None, scale=None):
         self.layer, self.kind, self.cut = layer, kind, cut
         self.weight_t, self.scale = weight_t, scale
-        quant, store = kind == "quant", layer.store
-        self.tinygemm = tinygemm_pack(store.tensors) if quant and store.fmt.name == "int4" \
+        store = layer.store
+        self.tinygemm = tinygemm_pack(store.tensors) if kind == "quant" and store.fmt.kernel_family == "int4" \
             and store.compute_dtype == torch.bfloat16 else None
-        if cut is not None and cut[0] == "threshold":  # a calibrated constant cut
-            self.const_cut = torch.full((SPARSE_TOKENS,), float(cut[1]), device=layer.base.weight.device)
+        if cut is not None and cut.kind == "threshold":  # a calibrated constant cut
+            self.const_cut = torch.full((SPARSE_TOKENS,), cut.threshold, device=layer.base.weight.device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         rows = x.reshape(-1, x.shape[-1])
@@ -62,26 +54,26 @@ class LinearKernel:
             sel = self._selection(rows, x)
             counters = (layer.nonzero_seen, layer.entries_seen) if layer.track_stats else (None, None)
             if sel is not None and rows.shape[0] == 1:  # one token: walk only the kept weight rows
-                bound = int(self.cut[1]) if self.cut[0] == "topk" else rows.shape[1]  # the most it can keep
+                bound = self.cut.keep if self.cut.kind == "topk" else rows.shape[1]  # the most it can keep
                 y = gather_gemv(rows, sel.idx, sel.count, bound, self.weight_t, self.scale, *counters)
             else:
                 cut = sel.cut if sel is not None else self.const_cut[:rows.shape[0]]
                 y = sparse_gemv(rows, cut, self.weight_t, self.scale, *counters)
         else:
             if sparse:
-                rows = layer._sparsify(rows) if self.cut[0] == "threshold" else self._topk_rows(rows, x)
+                rows = layer._sparsify(rows) if self.cut.kind == "threshold" else self._topk_rows(rows, x)
             y = quant_gemv(rows, layer.store.tensors, tinygemm=self.tinygemm)
         return y.reshape(*x.shape[:-1], -1)
 
     def _selection(self, rows: torch.Tensor, x: torch.Tensor):
         """The top-k Selection for this input (shared by q/k/v and gate/up, or handed over by a fused
         norm/activation kernel of the decode step); None for a calibrated constant cut."""
-        cache, key = self.layer.input_cache, ("gpu-" + self.cut[0], self.cut[1])
+        cache, key = self.layer.input_cache, (self.cut, "selection")
         if cache is not None and cache.matches(x, key):
             return cache.output
-        if self.cut[0] == "threshold":
+        if self.cut.kind == "threshold":
             return None  # no fused kernel chose the inputs: the masked-row kernel applies the constant
-        sel = topk_select(rows, int(self.cut[1]))
+        sel = topk_select(rows, self.cut.keep)
         if cache is not None:
             cache.store(x, key, sel, None)
         return sel
@@ -95,25 +87,28 @@ class LinearKernel:
 
 
 def plan(layer) -> LinearKernel | None:
-    """The kernel for `layer` (a WorkbenchLinear whose weights are on CUDA), or None for the reference path."""
+    """The kernel for `layer` (a WorkbenchLinear whose weights are on CUDA), or None for the reference path.
+
+    Asked of the layer's typed entries: its sparsifier's `Cut` (None: no scalar cut, so no sparse
+    kernel) and its stored format's `kernel_family` and spec; never of names or tensor ranks."""
     if not kernels_enabled():
         return None
-    try:
-        cut = _cut_of(layer)
-    except LookupError:
-        return None
-    store = layer.store
-    if store is None or store.fmt.name in ("bf16", "fp16"):  # a cast store: a merged LoRA's weight
+    sparsifier, store = layer.sparsifier, layer.store
+    cut = sparsifier.cut if sparsifier is not None else None
+    if sparsifier is not None and cut is None:
+        return None  # a rule with no scalar cut (WINA's per-channel thresholds): the reference path
+    family = "dense" if store is None else store.fmt.kernel_family
+    if family == "dense":  # the model's weight, or a cast store (a merged LoRA's weight)
         w = layer.base.weight if store is None else store.tensors["q"]
         if cut is None or w.dtype not in (torch.bfloat16, torch.float16):
-            return None
+            return None  # dense bf16: cuBLAS is already at the bound
         return LinearKernel(layer, "sparse", cut, w.detach().t().contiguous())
+    if store.compute_dtype not in (torch.bfloat16, torch.float16) or family not in ("int8", "int4"):
+        return None
     t = store.tensors
-    if store.fmt.name == "int8" and t["scale"].dim() == 1 and cut is not None:
+    if family == "int8" and not store.spec.group_size and cut is not None:  # per-row scales: fused sparse+int8
         return LinearKernel(layer, "sparse", cut, t["q"].t().contiguous(), t["scale"])
-    if store.fmt.name in ("int8", "int4") and store.compute_dtype in (torch.bfloat16, torch.float16):
-        return LinearKernel(layer, "quant", cut)
-    return None
+    return LinearKernel(layer, "quant", cut)
 
 
 def kernel_forward(layer, x: torch.Tensor) -> torch.Tensor | None:

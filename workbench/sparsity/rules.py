@@ -17,7 +17,7 @@ survives a magnitude cut). The rules differ in the score and in how the cut is s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +27,35 @@ from workbench.policy import SPARSITY_RULES, Sparsity
 
 
 @dataclass(frozen=True)
+class Cut:
+    """A scalar magnitude cut per token, the form a kernel applies in-kernel: keep the `keep` largest
+    |x_i| (top-k), or keep |x_i| > `threshold` (a calibrated constant). Hashable: layers that read the same
+    input under equal cuts share one sparsified input (q/k/v, gate/up)."""
+
+    kind: Literal["topk", "threshold"]
+    value: float
+
+    def __post_init__(self):
+        if self.kind not in ("topk", "threshold"):
+            raise ValueError(f"a cut is 'topk' or 'threshold', got {self.kind!r}")
+
+    @property
+    def keep(self) -> int:
+        return int(self.value)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.value)
+
+
+@dataclass(frozen=True)
 class Sparsifier:
-    """A rule bound to one module. Modules that share an input (q/k/v, gate/up) and have equal `key`s
-    produce the same output, so the layer computes it once; `key=None` means never share."""
+    """A rule bound to one module: `fn` is the reference math; `cut` is the same rule as a scalar cut a
+    kernel can apply, or None where it has none (WINA's per-channel thresholds), which also means its
+    output is never shared between modules."""
 
     fn: Callable[[torch.Tensor], torch.Tensor]
-    key: tuple | None = None
+    cut: Cut | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
@@ -91,7 +114,7 @@ class SparsityRuleEntry:
 
 def _build_topk(spec: Sparsity, weight: torch.Tensor, calibration: Any) -> Sparsifier:
     keep = keep_count(weight.shape[1], spec.target)
-    return Sparsifier(lambda x: topk_sparsify(x, keep), ("topk", keep))
+    return Sparsifier(lambda x: topk_sparsify(x, keep), Cut("topk", keep))
 
 
 def _require(calibration: Any, spec: Sparsity):
@@ -102,7 +125,7 @@ def _require(calibration: Any, spec: Sparsity):
 
 def _build_threshold(spec: Sparsity, weight: torch.Tensor, calibration: Any) -> Sparsifier:
     t = float(_require(calibration, spec).threshold(spec.target))
-    return Sparsifier(lambda x: F.hardshrink(x, t), ("threshold", t))
+    return Sparsifier(lambda x: F.hardshrink(x, t), Cut("threshold", t))
 
 
 def column_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -119,7 +142,7 @@ def _build_weighted(spec: Sparsity, weight: torch.Tensor, calibration: Any) -> S
 def _build_greedy(spec: Sparsity, weight: torch.Tensor, calibration: Any) -> Sparsifier:
     cal = _require(calibration, spec)
     t = float(cal.threshold(cal.greedy_target(spec.target)))
-    return Sparsifier(lambda x: F.hardshrink(x, t), ("threshold", t))
+    return Sparsifier(lambda x: F.hardshrink(x, t), Cut("threshold", t))
 
 
 SPARSITY_RULES.register("dense", SparsityRuleEntry("dense", False, doc="no sparsity: the identity"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import threading
 import time
+import weakref
 
 import ipywidgets as W
 
@@ -83,19 +84,23 @@ class Panel:
                 target.value = f"<span class='wb-error' style='color:#c62828'>{html.escape(str(e))}</span>"
 
         thread = threading.Thread(target=run, daemon=True)
-        engine._panel_generation = (thread, cancel)  # one per engine: panels sharing it cancel each other's
+        GENERATIONS[engine] = (thread, cancel)  # one per engine: panels sharing it cancel each other's
         self._engine = engine
         thread.start()
 
     def wait(self, cancel: bool = False, engine=None) -> None:
         """Block until the engine's background generation (if any) has finished; `cancel` stops it first."""
         engine = engine or getattr(self, "_engine", None)
-        running = getattr(engine, "_panel_generation", None) if engine is not None else None
+        running = GENERATIONS.get(engine) if engine is not None else None
         if running is not None:
             thread, stop = running
             if cancel:
                 stop.set()
             thread.join()
+
+
+# engine -> its panels' background generation (thread, cancel event): held here, not on the engine
+GENERATIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def metrics_html(**items) -> str:

@@ -9,6 +9,12 @@ import time
 
 import ipywidgets as W
 
+from workbench.controller import ControllerConfig, ElasticController
+from workbench.loadtest import make_workload, summarise
+from workbench.metrics import Metrics, policy_sparsity
+from workbench.runtime.cache import cache_capacity
+from workbench.runtime.sampling import SamplingParams
+from workbench.scheduler import QueueFull, Scheduler
 from workbench.widgets.panel import Panel, metrics_html
 
 SERIES = ("waiting", "running", "sparsity", "ttft_s")
@@ -78,17 +84,12 @@ class SchedulerDashboard(Panel):
         super().wait(cancel, engine)
 
     def _run(self) -> None:
-        from workbench.controller import ControllerConfig, ElasticController
-        from workbench.loadtest import make_workload, summarise
-        from workbench.metrics import Metrics, policy_sparsity
-        from workbench.scheduler import QueueFull, Scheduler
-        from workbench.decode import SamplingParams
         base = self.engine.policy
         scheduler = controller = None
         try:
             workload = make_workload(self.engine.tokenizer, self.requests.value, self.rate.value, self.prompt_tokens,
                                      self.output_tokens)
-            capacity = -(-(2 * self.prompt_tokens + 2 * self.output_tokens) // 256) * 256
+            capacity = cache_capacity(2 * self.prompt_tokens + 2 * self.output_tokens)
             scheduler = Scheduler(self.engine, max_num_seqs=self.max_num_seqs, max_queue=4 * len(workload),
                                   max_model_len=capacity, metrics=Metrics())
             if self.elastic.value:

@@ -1,0 +1,178 @@
+"""The decoder: a Llama-family model's own layers run over a slot KV cache, one prefill pass for several
+prompts and one decode step for every slot.
+
+It runs the model's own modules (embeddings, norms, rotary embedding, projections, MLP), so every policy
+wrapper applies unchanged; only the attention over the cache is ours. It covers the Llama family (llama,
+mistral, qwen2, qwen3); other architectures keep transformers' `generate` (`unsupported_reason` says
+why). On CUDA with bf16/fp16 the decode step is the fused one of `runtime.fused`.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workbench.attention.backend import workbench_attention
+from workbench.errors import InputError, ModelError
+from workbench.runtime.cache import ATTENTION_BLOCK, SlotKVCache, padded_batch
+from workbench.runtime.fused import _concatenate, fused_reason, fused_step
+
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """None when `Decoder` can run `model`; otherwise why not (the engine then uses transformers)."""
+    cfg = model.config
+    if cfg.model_type not in LLAMA_FAMILY:
+        return f"architecture {cfg.model_type!r} (the decode loop covers {', '.join(LLAMA_FAMILY)})"
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types) or getattr(cfg, "use_sliding_window", False):
+        return "sliding-window attention"
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "an unexpected module layout"
+    return None
+
+
+class Decoder:
+    """Runs a Llama-family model's layers over a SlotKVCache: `prefill` one slot, `step` all slots."""
+
+    def __init__(self, model: nn.Module):
+        reason = unsupported_reason(model)
+        if reason:
+            raise ModelError(f"the decode loop cannot run this model: {reason}")
+        self.model = model
+        inner = model.model
+        self.embed, self.layers, self.norm, self.rotary = inner.embed_tokens, inner.layers, inner.norm, inner.rotary_emb
+        self.lm_head = model.get_output_embeddings()
+        cfg = model.config
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        self.fused = fused_reason(model) is None  # the decode step's Triton kernels (kernels/decode_ops.py)
+
+    @property
+    def sparse_attention(self) -> bool:
+        """True when a layer runs a key selector (or a capture): that path is not graph-capturable."""
+        return any(getattr(l.self_attn, "workbench_capture", None) is not None
+                   or not getattr(getattr(l.self_attn, "workbench_attention", None), "is_identity", True)
+                   for l in self.layers)
+
+    def prefill(self, cache: SlotKVCache, slot: int, ids: torch.Tensor) -> torch.Tensor:
+        """Write a prompt (T,) into `slot` (from its start) and return the last position's logits (V,)."""
+        return self.prefill_batch(cache, [slot], [ids])[0]
+
+    def prefill_batch(self, cache: SlotKVCache, slots: list[int], prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Write several prompts into their slots in one forward pass; each prompt's last logits (B, V).
+
+        Prompts are right-padded to the longest: causal attention keeps every real position from seeing
+        the padding, and the padded positions lie beyond each slot's length, where decoding overwrites
+        them. One pass reads the weights once for all prompts instead of once per prompt.
+        """
+        if len(slots) != len(prompts) or not prompts:
+            raise InputError(f"prefill_batch needs one slot per prompt, got {len(slots)} and {len(prompts)}")
+        lengths = [p.shape[0] for p in prompts]
+        single = [n == 1 for n in lengths]
+        if any(single) and not all(single):
+            # A one-token prompt looks like a decode step to the layers' rule "prompts run dense, decode
+            # steps sparse" (transformers' generate sees it so too); padding it would change its answer.
+            logits = torch.empty(len(prompts), self.lm_head.out_features, device=prompts[0].device)
+            for group in (True, False):
+                rows = [i for i, s in enumerate(single) if s == group]
+                logits[rows] = self.prefill_batch(cache, [slots[i] for i in rows], [prompts[i] for i in rows])
+            return logits
+        for n in lengths:
+            cache.check_fits(n, 0)
+        ids, rows, lengths_t = padded_batch(cache, slots, prompts, len(prompts), max(lengths))
+        logits = self.prefill_padded(cache, ids, rows, lengths_t)
+        for slot, n in zip(slots, lengths):
+            cache.set_length(slot, n)
+        return logits
+
+    def prefill_padded(self, cache: SlotKVCache, ids: torch.Tensor, rows: torch.Tensor,
+                       lengths: torch.Tensor) -> torch.Tensor:
+        """The prefill pass on device tensors alone (graph-capturable): ids (B, T) right-padded, rows (B,)
+        the cache slots, lengths (B,) the real prompt lengths -> last logits (B, V). Host-side slot
+        lengths are the caller's to set."""
+        positions = torch.arange(ids.shape[1], device=ids.device)[None]
+        hidden = self._run(ids, positions, cache, rows, prompt_lengths=lengths)
+        return self._logits(hidden[torch.arange(ids.shape[0], device=ids.device), lengths - 1])
+
+    def step(self, cache: SlotKVCache, ids: torch.Tensor) -> torch.Tensor:
+        """One token for every slot (S,), each at its own position `cache.lengths`; logits (S, V).
+
+        Reads only device tensors and does no host sync, so it can be captured in a CUDA graph. Inactive
+        slots compute too (a static shape) and write at their own current position, which a later
+        prefill overwrites; `cache.advance` moves only the active ones forward.
+        """
+        positions = cache.lengths.clamp(max=cache.capacity - 1)[:, None]  # (S, 1)
+        if self.fused and cache.capacity % ATTENTION_BLOCK == 0 and not self.sparse_attention and not self._bypassed():
+            return fused_step(self, ids, positions, cache)
+        rows = torch.arange(cache.slots, device=ids.device)
+        hidden = self._run(ids[:, None], positions, cache, rows, prompt_lengths=None)
+        return self._logits(hidden[:, -1])
+
+    def _bypassed(self) -> bool:
+        return getattr(self.layers[0].self_attn.q_proj, "bypass", False)
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden)).float()
+
+    def _run(self, ids, positions, cache, rows: torch.Tensor, prompt_lengths: torch.Tensor | None) -> torch.Tensor:
+        """The layers over `ids` (B, T); row b lives in cache slot `rows[b]`. With `prompt_lengths` (B,) this
+        is a prefill from position 0 (rows right-padded to T); without, one decode token per slot."""
+        x = self.embed(ids)
+        cos, sin = self.rotary(x, positions)
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            x = x + self._attention(layer.self_attn, h, cos, sin, positions, rows, cache.keys[i],
+                                    cache.values[i], prompt_lengths)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x
+
+    def _attention(self, attn, h, cos, sin, positions, rows, k_cache, v_cache, prompt_lengths):
+        b, t, _ = h.shape
+        q = attn.q_proj(h).view(b, t, self.heads, self.head_dim)
+        k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim)
+        v = attn.v_proj(h).view(b, t, self.kv_heads, -1).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # qwen3 normalises q and k per head before the rotation
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = self.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        if prompt_lengths is None:  # decode: one new position per slot (every slot, in order), in place
+            k_cache[rows, :, positions[:, 0]] = k[:, :, 0]
+            v_cache[rows, :, positions[:, 0]] = v[:, :, 0]
+            keys, values = k_cache, v_cache
+            valid = torch.arange(k_cache.shape[2], device=h.device)[None, :] <= positions  # (S, C)
+            mask = valid[:, None, None, :]  # (S, 1, 1, C)
+        else:  # prefill from position 0: the prompt's own keys are all there is to attend to
+            k_cache[rows, :, :t] = k
+            v_cache[rows, :, :t] = v
+            keys, values = k, v
+            mask = None  # causal: a real position never sees the padding after it
+        spec = getattr(attn, "workbench_attention", None)
+        if getattr(attn, "workbench_capture", None) is not None or (spec is not None and not spec.is_identity):
+            if mask is None:  # causal within each prompt; padded queries attend nowhere (not measured)
+                at = torch.arange(t, device=h.device)
+                real = at[None, :] < prompt_lengths[:, None]  # (B, T)
+                mask = ((at[None, :] <= at[:, None])[None] & real[:, None, :] & real[:, :, None])[:, None]
+            out, _ = workbench_attention(attn, q, keys, values, mask, scaling=attn.scaling)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1,
+                                                 scale=attn.scaling, enable_gqa=self.kv_heads != self.heads)
+            out = out.transpose(1, 2)
+        return attn.o_proj(out.reshape(b, t, -1))
+
+
+def concatenate_projections(model: nn.Module) -> None:
+    """Where the fused decode step runs, store q|k|v and gate|up of every layer as one matrix each.
+
+    Call before any policy is applied: packed-weight caches key on weight storage, which this moves."""
+    if unsupported_reason(model) or fused_reason(model):
+        return
+    for layer in model.model.layers:
+        _concatenate(layer.self_attn, ("q_proj", "k_proj", "v_proj"))
+        _concatenate(layer.mlp, ("gate_proj", "up_proj"))
