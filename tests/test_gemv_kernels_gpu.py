@@ -1,0 +1,157 @@
+"""The standalone GEMV kernels (`gemv_int8`, `gemv_int4`, `gemv_sparse`) against their torch references.
+
+Skipped without CUDA. Shapes that are not multiples of the block sizes (N = 1000, K = 576: the int4 group
+of 64 divides K, the 128/256-wide K steps do not), batch sizes 1, 3, 8, 17, 64, fresh random inputs each
+test, outputs poisoned with NaN before the launch so an unwritten element fails.
+Tolerance: ||out - ref|| / ||ref|| < 1e-2 (bf16 output rounding is ~3e-3; the kernels accumulate in
+float32 and their weight operands are exact in bf16).
+"""
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+os.environ.setdefault("WORKBENCH_TUNE", "0")  # the default launch config: deterministic and few compiles
+
+TOKENS = (1, 3, 8, 17, 64)
+N, K = 1000, 576
+TOL = 1e-2
+
+
+def _rel(got, want):
+    assert torch.isfinite(got).all(), "unwritten or non-finite output"
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
+
+
+def _poisoned(m, n, dtype=torch.bfloat16):
+    return torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
+
+
+def _weight(n=N, k=K, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(n, k, device="cuda", generator=g) * 0.05
+
+
+@pytest.mark.parametrize("m", TOKENS)
+def test_int8_matches_reference(m):
+    from workbench.kernels import gemv_int8
+    from workbench.formats.quant import quantize_int8_channel
+    t = quantize_int8_channel(_weight(seed=m))
+    packed = gemv_int8.pack(t)
+    x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+    cfg = gemv_int8.candidates(m, N, K, x.device)[0]
+    y = gemv_int8.launch(x, packed, cfg, y=_poisoned(m, N))
+    assert _rel(y, gemv_int8.reference(x, t)) < TOL
+
+
+@pytest.mark.parametrize("split", [1, 3])
+def test_int8_split_k_is_deterministic(split):
+    from workbench.kernels import gemv_int8
+    from workbench.formats.quant import quantize_int8_channel
+    t = quantize_int8_channel(_weight(n=4096, k=4096))
+    packed = gemv_int8.pack(t)
+    x = torch.randn(8, 4096, device="cuda", dtype=torch.bfloat16)
+    cfg = dict(block_n=128, block_k=128, warps=4, stages=4, split=split)
+    ys = [gemv_int8.launch(x, packed, cfg, y=_poisoned(8, 4096)) for _ in range(3)]
+    assert _rel(ys[0], gemv_int8.reference(x, t)) < TOL
+    assert all(torch.equal(ys[0], y) for y in ys[1:])  # partials summed in a fixed order
+
+
+@pytest.mark.parametrize("m", TOKENS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_matches_reference(m, symmetric):
+    from workbench.kernels import gemv_int4
+    from workbench.formats.quant import quantize_int4
+    t = quantize_int4(_weight(seed=m), 64, symmetric=symmetric)
+    packed = gemv_int4.pack(t)
+    x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+    cfg = gemv_int4.candidates(m, N, K, 64, x.device, asym=not symmetric)[0]
+    y = gemv_int4.launch(x, packed, cfg, y=_poisoned(m, N))
+    assert _rel(y, gemv_int4.reference(x, t)) < TOL
+
+
+def test_int4_pack_keeps_bytes_and_round_trips():
+    from workbench.kernels import gemv_int4
+    from workbench.formats.quant import quantize_int4
+    for symmetric in (True, False):
+        t = quantize_int4(_weight(), 64, symmetric=symmetric)
+        packed = gemv_int4.pack(t)
+        assert gemv_int4.nbytes(packed) == sum(v.numel() * v.element_size() for v in t.values())
+        back = gemv_int4.unpack(packed)
+        assert all(torch.equal(back[key], t[key]) for key in t)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", [dict(scaled=False), dict(scaled=True, pair=True)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_split_k_modes_and_fp16(dtype, mode, symmetric):
+    """Exact (integer partials scaled in float32) and scaled (dequantized in registers, two groups a
+    step) modes, split K, fp16 activations."""
+    from workbench.kernels import gemv_int4
+    from workbench.formats.quant import quantize_int4
+    t = quantize_int4(_weight(n=4096, k=4096), 64, symmetric=symmetric)
+    packed = gemv_int4.pack(t)
+    x = torch.randn(3, 4096, device="cuda", dtype=dtype)
+    cfg = dict(block_n=128, warps=4, stages=4, split=5, **mode)
+    y = gemv_int4.launch(x, packed, cfg, y=_poisoned(3, 4096, dtype))
+    assert _rel(y, gemv_int4.reference(x, t)) < TOL
+
+
+def _cut(x, frac):
+    """Per-token threshold keeping a fraction `frac` of |x| (strictly above the cut)."""
+    keep = max(1, int(round(frac * x.shape[1])))
+    return torch.kthvalue(x.abs().float(), x.shape[1] - keep, dim=1).values
+
+
+@pytest.mark.parametrize("m", TOKENS)
+@pytest.mark.parametrize("int8", [False, True])
+def test_sparse_matches_reference(m, int8):
+    from workbench.kernels import gemv_sparse
+    from workbench.formats.quant import quantize_int8_channel
+    w = _weight(seed=m)
+    packed = gemv_sparse.pack_int8(quantize_int8_channel(w)) if int8 else gemv_sparse.pack(w.to(torch.bfloat16))
+    x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+    t = _cut(x, 0.5)
+    for cfg in gemv_sparse.candidates(m, N, K, int8, x.device)[:1] + (
+            [c for c in gemv_sparse.candidates(m, N, K, int8, x.device) if c["kind"] == "fma"][:1] if m == 1 else []):
+        y = gemv_sparse.launch(x, t, packed, cfg, y=_poisoned(m, N))
+        assert _rel(y, gemv_sparse.reference(x, t, packed)) < TOL, cfg
+
+
+def test_sparse_extremes_and_same_math_as_masked_dense():
+    """Threshold 0 keeps every nonzero input (dense); a huge one keeps none (y = 0); and the sparse
+    kernel equals masking the input and multiplying densely."""
+    from workbench.kernels import gemv_sparse
+    w = _weight().to(torch.bfloat16)
+    packed = gemv_sparse.pack(w)
+    x = torch.randn(3, K, device="cuda", dtype=torch.bfloat16)
+    dense = gemv_sparse.sparse_gemv(x, 0.0, packed)
+    assert _rel(dense, (x.double() @ w.double().T).float()) < TOL
+    none = gemv_sparse.sparse_gemv(x, 1e30, packed)
+    assert torch.equal(none, torch.zeros_like(none))
+    t = _cut(x, 0.3)
+    masked = gemv_sparse.mask_input(x, t).double() @ w.double().T
+    assert _rel(gemv_sparse.sparse_gemv(x, t, packed), masked.float()) < TOL
+
+
+def test_graph_capture_replays():
+    """Every kernel runs inside a CUDA graph after one warm call (the split-K workspace exists)."""
+    from workbench.kernels import gemv_int4, gemv_int8, gemv_sparse
+    from workbench.formats.quant import quantize_int4, quantize_int8_channel
+    w = _weight(n=4096, k=4096)
+    p8, p4, ps = (gemv_int8.pack(quantize_int8_channel(w)), gemv_int4.pack(quantize_int4(w, 64)),
+                  gemv_sparse.pack(w.to(torch.bfloat16)))
+    x = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16)
+    t = _cut(x, 0.5)
+    fns = [lambda: gemv_int8.gemv(x, p8), lambda: gemv_int4.gemv(x, p4), lambda: gemv_sparse.sparse_gemv(x, t, ps)]
+    eager = [f() for f in fns]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = [f() for f in fns]
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, outs):
+        assert torch.equal(a, b)
