@@ -24,6 +24,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+import torch
+
 from workbench.errors import InputError
 from workbench.policy import Policy
 
@@ -219,7 +221,6 @@ class ElasticController:
 def _gpu_utilisation() -> float | None:
     """GPU utilisation in [0, 1] through NVML, or None where there is no GPU or no NVML."""
     try:
-        import torch
         if not torch.cuda.is_available():
             return None
         return torch.cuda.utilization() / 100.0

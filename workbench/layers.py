@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.formats.quant import sqnr_db
 from workbench.policy import SPARSITY_RULES, WEIGHT_FORMATS, Setting
 
 
@@ -156,7 +157,6 @@ class WorkbenchLinear(nn.Module):
         into a low-bit format cost. Layers without a format keep the sum in a cast store of the base
         weight's dtype. `base` is never changed: the reference (bypass) stays the unmodified model.
         """
-        from workbench.formats.quant import sqnr_db
         exact = self.dequantized_weight().float() + delta.float()
         self.kernel = None  # its weight layout was built from the old weight
         if self.store is None:  # a cast store holds the merged weight; `base` stays the reference

@@ -15,15 +15,22 @@ merge to get the kernels back.
 """
 from __future__ import annotations
 
+import json
+import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from workbench.errors import InputError
+from workbench.layers import WorkbenchLinear
 from workbench.progress import progress as progress_bar
 from workbench.roles import linear_modules
+from workbench.sparsity.calibration import model_fingerprint
 from workbench.tokens import encode_text, render_chat
 
 
@@ -89,7 +96,6 @@ def attach_lora(engine, r: int = 16, alpha: float = 32, targets=("q", "v"), drop
     """Add LoRA adapters to the engine's model (plain layers and policy wrappers alike); only they train."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from workbench.layers import WorkbenchLinear
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise InputError(f"LoRA rank r must be a positive integer, got {r!r}")
     if not alpha > 0 or not 0 <= dropout < 1:
@@ -164,7 +170,6 @@ class Example:
 def load_examples(engine, data, max_len: int = 256) -> list[Example]:
     """Texts, chat conversations ([{"role", "content"}, ...]) or a JSONL file whose lines hold "text" or
     "messages". Plain text trains on every token; a conversation on its assistant turns only."""
-    from pathlib import Path
     if isinstance(data, (str, Path)) and str(data).endswith(".jsonl"):
         data = read_jsonl(data)
     if isinstance(data, str) or not isinstance(data, (list, tuple)) or not data:
@@ -188,8 +193,6 @@ def load_examples(engine, data, max_len: int = 256) -> list[Example]:
 
 def read_jsonl(path) -> list:
     """The examples of a JSONL file: each line an object with "text" (a string) or "messages" (a chat)."""
-    import json
-    from pathlib import Path
     path = Path(path)
     if not path.is_file():
         raise InputError(f"dataset not found: {path}")
@@ -269,9 +272,7 @@ def train(engine, data, steps: int | None = None, epochs: int | None = None, lr:
     changed). The learning rate warms up linearly over the first `warmup` share of the steps, then decays
     linearly to zero (as transformers' Trainer does by default). `callback(step, loss)` after every
     optimizer step; `stop` (a threading.Event) ends the run between steps, keeping the last good adapter."""
-    import time
 
-    import torch.nn.functional as F
     handle = getattr(engine.model, "workbench_lora", None)
     if handle is None:
         raise InputError("attach adapters first: workbench.lora.attach_lora(engine, ...)")
@@ -368,12 +369,8 @@ class _adapters_off:
 # ---- saving and loading ----------------------------------------------------------------------------------------
 def save_adapter(engine, folder) -> None:
     """adapter.safetensors + adapter.json (settings, the base model's fingerprint and the policy)."""
-    import json
-    from pathlib import Path
 
-    from safetensors.torch import save_file
 
-    from workbench.sparsity.calibration import model_fingerprint
     handle = getattr(engine.model, "workbench_lora", None)
     if handle is None:
         raise InputError("this engine has no adapters to save")
@@ -389,12 +386,8 @@ def save_adapter(engine, folder) -> None:
 
 def load_adapter(engine, folder) -> LoraHandle:
     """Attach and fill adapters saved by `save_adapter`; refuses another base model or another policy."""
-    import json
-    from pathlib import Path
 
-    from safetensors.torch import load_file
 
-    from workbench.sparsity.calibration import model_fingerprint
     folder = Path(folder)
     if not (folder / "adapter.json").is_file() or not (folder / "adapter.safetensors").is_file():
         raise InputError(f"{folder} holds no adapter (adapter.json and adapter.safetensors)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from workbench.corpus import corpus_split
 from workbench.errors import InputError
 
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -61,7 +62,6 @@ def exact_match(engine, cases: list[SkillCase], max_new_tokens: int = 12, batch:
 
 def corpus_chunks(part: str = "calibration", min_chars: int = 500, limit: int | None = None) -> list[str]:
     """Paragraph-aligned chunks of at least `min_chars` characters of one part of the default corpus."""
-    from workbench.corpus import corpus_split
     chunks, current = [], ""
     for paragraph in corpus_split(part).split("\n\n"):
         if not paragraph.strip():

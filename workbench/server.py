@@ -31,9 +31,12 @@ from starlette.requests import ClientDisconnect, Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from workbench.runtime.sampling import SEED_RANGE, SamplingParams
+from workbench.batcher import DynamicBatcher
+from workbench.controller import ElasticController
 from workbench.errors import InputError, WorkbenchError
-from workbench.scheduler import QueueFull
+from workbench.metrics import Metrics
+from workbench.runtime.sampling import SEED_RANGE, SamplingParams
+from workbench.scheduler import QueueFull, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -380,10 +383,6 @@ def build(engine, max_num_seqs: int = 8, max_queue: int = 64, max_model_len: int
           elastic=None, score_batch: int = 8, score_timeout_ms: float = 2.0):
     """Scheduler, batcher, metrics, optional elastic controller (a ControllerConfig) and the Server around
     them; `server.close()` stops them all."""
-    from workbench.batcher import DynamicBatcher
-    from workbench.controller import ElasticController
-    from workbench.metrics import Metrics
-    from workbench.scheduler import Scheduler
     metrics = Metrics()
     scheduler = Scheduler(engine, max_num_seqs=max_num_seqs, max_queue=max_queue, max_model_len=max_model_len,
                           metrics=metrics)

@@ -1,10 +1,12 @@
 """Sweeps: evaluate a family of policies on one engine and return plain rows for tables and figures."""
 from __future__ import annotations
 
+from itertools import product
 from typing import Iterable, Sequence
 
 from workbench.evaluate import evaluate
 from workbench.policy import Policy
+from workbench.progress import progress as bar
 
 
 def sparsity_row(rule: str, target: float, result: dict) -> dict:
@@ -24,7 +26,6 @@ def sweep_sparsity(engine, rules: Sequence[str], targets: Iterable[float], max_t
     >>> [r["target"] for r in rows]
     [0.0, 0.5]
     """
-    from tqdm.auto import tqdm
     targets = [t for t in targets if t > 0]
     saved = engine.policy
     jobs = [(rule, t) for rule in rules for t in targets]
@@ -32,7 +33,7 @@ def sweep_sparsity(engine, rules: Sequence[str], targets: Iterable[float], max_t
         engine.reconfigure(Policy.identity())
         base = evaluate(engine, max_tokens=max_tokens, progress=False)
         rows = [sparsity_row(rule, 0.0, base) for rule in rules]
-        for rule, target in tqdm(jobs, desc="sparsity sweep", disable=not progress):
+        for rule, target in bar(jobs, desc="sparsity sweep", unit="policy", enabled=progress):
             engine.reconfigure(Policy.uniform(sparsity=target, rule=rule))
             rows.append(sparsity_row(rule, target, evaluate(engine, max_tokens=max_tokens, progress=False)))
     finally:
@@ -51,14 +52,12 @@ def sweep_combined(engine, sparsities: Sequence[float], precisions: Sequence[str
     >>> [r["sparsity"] for r in rows]
     [0, 0.5]
     """
-    from itertools import product
 
-    from tqdm.auto import tqdm
     saved = engine.policy
     rows = []
     try:
-        for s, p, a in tqdm(list(product(sparsities, precisions, attentions)), desc="combined sweep",
-                            disable=not progress):
+        for s, p, a in bar(list(product(sparsities, precisions, attentions)), desc="combined sweep",
+                           unit="policy", enabled=progress):
             policy = Policy.uniform(s, rule if s else None, p, a)
             engine.reconfigure(policy)
             result = evaluate(engine, max_tokens=max_tokens, progress=False)

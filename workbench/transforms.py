@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from torch import nn
 
+from workbench.attention.install import dense_attention, set_layer_selectors
 from workbench.errors import PolicyError
 from workbench.layers import SharedInputCache, WorkbenchEmbedding, WorkbenchLinear, check_setting
 from workbench.policy import WEIGHT_FORMATS, Policy, Setting
@@ -171,7 +172,6 @@ def bypassed(model: nn.Module):
 
     The reference for every quality number; needs the originals kept (`keep_reference=True`).
     """
-    from workbench.attention.install import dense_attention
     active = [m for _, m in wrappers(model)] + [m for _, m in embedding_modules(model) if _is_wrapper(m)]
     for m in active:
         m.bypass = True
@@ -194,7 +194,6 @@ def _calibration_for(calibration: Any, fqn: str) -> Any:
 
 
 def _apply_attention(model: nn.Module, policy: Policy) -> None:
-    from workbench.attention.install import set_layer_selectors
     selectors = {}
     for fqn, module in attention_modules(model):
         setting = policy.setting_for(fqn, "attention")

@@ -23,6 +23,7 @@ from torch import nn
 
 from workbench.attention.selectors import SELECTOR_FNS, SelectionContext
 from workbench.policy import Attention
+from workbench.roles import attention_modules
 
 BACKEND = "workbench"
 QUERY_CHUNK = 256  # queries scored at a time: bounds the (B, H, chunk, T) score buffer
@@ -32,7 +33,6 @@ _registered = False
 def install_backend(model: nn.Module) -> None:
     """Register the backend (once per process) and switch `model` to it; selectors live on the modules."""
     _register()
-    from workbench.roles import attention_modules
     for _, module in attention_modules(model):
         module.workbench_attention = model.workbench_selectors.get(module.layer_idx, Attention())
     if model.config._attn_implementation != BACKEND:
@@ -40,7 +40,6 @@ def install_backend(model: nn.Module) -> None:
 
 
 def uninstall(model: nn.Module) -> None:
-    from workbench.roles import attention_modules
     for _, module in attention_modules(model):
         for attr in ("workbench_attention", "workbench_capture"):  # recall survives a reference pass
             if hasattr(module, attr):
@@ -145,7 +144,6 @@ def _record_recall(module, dense: torch.Tensor, keep: torch.Tensor, valid: torch
 
 def attention_recall(model: nn.Module) -> dict | None:
     """Mean recall over every measured query, overall and per layer; None if nothing was measured."""
-    from workbench.roles import attention_modules
     per_layer = {}
     total = [0.0, 0]
     for _, module in attention_modules(model):
@@ -160,7 +158,6 @@ def attention_recall(model: nn.Module) -> dict | None:
 
 
 def reset_recall(model: nn.Module) -> None:
-    from workbench.roles import attention_modules
     for _, module in attention_modules(model):
         if hasattr(module, "workbench_recall"):
             module.workbench_recall = [0.0, 0]

@@ -3,13 +3,13 @@ and heads, the dense attention probabilities, the keys the current selector keep
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
 from workbench.attention.install import set_layer_selectors
 from workbench.errors import InputError
 from workbench.policy import Attention
+from workbench.roles import attention_modules
 
 
 class AttentionCapture:
@@ -76,7 +76,6 @@ def capture_attention(engine, prompt: str | list, layers: list[int] | None = Non
                          "is too large; pick fewer layers, heads or tokens")
     capture = AttentionCapture(layers, heads, t)
     selectors = dict(getattr(model, "workbench_selectors", {}) or {})
-    from workbench.roles import attention_modules
     modules = dict((m.layer_idx, m) for _, m in attention_modules(model))
     with engine.exclusive():
         model.workbench_capturing = True

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from workbench.errors import PolicyError
-from workbench.policy import ATTENTION_SELECTORS, Attention
+from workbench.policy import ATTENTION_SELECTORS, Attention, parse_budget
 
 DEFAULT_FRACTION = 0.25
 DEFAULT_SINKS = 4
@@ -185,7 +185,6 @@ class SelectorEntry:
     def parse(self, arg: str) -> Attention:
         if self.parse_arg is not None:
             return self.parse_arg(arg)
-        from workbench.policy import parse_budget
         return Attention(self.name, budget=parse_budget(arg, f"{self.name}:{arg}"))
 
 
@@ -201,7 +200,6 @@ def _parse_hierarchical(arg: str) -> Attention:
     if not m:
         raise PolicyError(f"cannot parse 'hierarchical:{arg}': expected hierarchical:LOCAL/REGIONAL[,BUDGET], "
                           "e.g. hierarchical:32/128 or hierarchical:32/128,0.25")
-    from workbench.policy import parse_budget
     budget = parse_budget(m.group(3), f"hierarchical:{arg}") if m.group(3) else None
     return Attention("hierarchical", budget=budget, params={"local": int(m.group(1)), "regional": int(m.group(2))})
 

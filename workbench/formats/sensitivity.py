@@ -19,9 +19,11 @@ from pathlib import Path
 from workbench.corpus import load_text, token_windows
 from workbench.errors import InputError, PolicyError
 from workbench.evaluate import compare_logits
+from workbench.models import cache_dir
 from workbench.policy import BLOCK_ROLES, WEIGHT_FORMATS, Policy, Rule, Setting, parse_precision
 from workbench.progress import progress as bar
 from workbench.roles import layer_index, linear_modules
+from workbench.sparsity.calibration import model_fingerprint
 
 SENSITIVITY_VERSION = 1
 DEFAULT_FORMATS = ("int4-g32", "int4-g64", "int8", "fp8", "bf16")
@@ -130,7 +132,6 @@ def scan(engine, formats=DEFAULT_FORMATS, granularity: str = "module", tokens: i
             sizes[unit][fmt] = sum(entry.expected_bytes(spec, shapes[f]) for f in units[unit])
     finally:
         engine.reconfigure(saved)
-    from workbench.sparsity.calibration import model_fingerprint
     params = {u: sum(shapes[f][0] * shapes[f][1] for f in fq) for u, fq in units.items()}
     meta = {"model": engine.name, "fingerprint": model_fingerprint(engine.model), "tokens": tokens,
             "corpus": description, "python": platform.python_version()}
@@ -140,8 +141,6 @@ def scan(engine, formats=DEFAULT_FORMATS, granularity: str = "module", tokens: i
 def cached_scan(engine, formats=DEFAULT_FORMATS, granularity: str = "module", tokens: int = 256,
                 progress: bool = True) -> Sensitivity:
     """`scan`, computed once per (model, formats, granularity, tokens) and kept in the cache."""
-    from workbench.sparsity.calibration import model_fingerprint
-    from workbench.models import cache_dir
     key = hashlib.sha256(json.dumps([model_fingerprint(engine.model), list(formats), granularity, tokens])
                          .encode()).hexdigest()[:16]
     path = cache_dir() / "sensitivity" / f"{key}.json"

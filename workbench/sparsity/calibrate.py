@@ -13,7 +13,7 @@ from workbench.corpus import load_text, token_windows
 from workbench.models import cache_dir
 from workbench.progress import progress as bar
 from workbench.sparsity.calibration import (BINS, DEFAULT_CALIBRATION_TOKENS, Calibration, ModuleCalibration,
-                                             calibration_targets, histogram, input_hooks, model_fingerprint)
+                                            calibration_targets, histogram, input_hooks, model_fingerprint)
 from workbench.sparsity.greedy import allocate_greedy
 from workbench.sparsity.rules import column_norms
 

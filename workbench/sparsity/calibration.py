@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from workbench.errors import PolicyError
@@ -125,7 +127,6 @@ class Calibration:
                               f"this model is {mine}, {self.meta.get('model', '?')!r} made it); recalibrate")
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
         tensors = {}
         for fqn, m in self.modules.items():
             tensors[f"hist/{fqn}"] = m.hist.contiguous()
@@ -144,7 +145,6 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
-        from safetensors import safe_open
         path = Path(path)
         if not path.is_file():
             raise PolicyError(f"calibration artifact not found: {path}")

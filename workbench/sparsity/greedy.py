@@ -18,10 +18,11 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from workbench.sparsity.calibration import Calibration, calibration_targets, input_hooks
-from workbench.sparsity.rules import threshold_sparsify
 from workbench.corpus import load_text, token_windows
 from workbench.progress import progress as bar
+from workbench.roles import role_of
+from workbench.sparsity.calibration import Calibration, calibration_targets, input_hooks
+from workbench.sparsity.rules import threshold_sparsify
 
 STEP = 0.05
 MAX_LAYER_SPARSITY = 0.85
@@ -76,7 +77,6 @@ def allocate_greedy(engine, calibration: Calibration, tokens: int = GREEDY_TOKEN
 
 
 def _allocate_layer(layer: nn.Module, call: tuple, targets: list, calibration: Calibration) -> None:
-    from workbench.roles import role_of
     groups: dict[str, list[str]] = defaultdict(list)
     params: dict[str, int] = defaultdict(int)
     for fqn, module in targets:

@@ -1,12 +1,14 @@
 """Quantization views: per-layer sensitivity by format, and the error map of one weight's blocks."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
+
+import numpy as np
 
 
 def sensitivity_heatmap(layers: Sequence, formats: Sequence[str], matrix, title: str = "quantization sensitivity"):
     """Layers down, formats across, colour = KLD (log scale) when only that layer is quantized."""
-    import math
 
     import plotly.graph_objects as go
     z = [[math.log10(max(v, 1e-9)) for v in row] for row in matrix]
@@ -21,7 +23,6 @@ def sensitivity_heatmap(layers: Sequence, formats: Sequence[str], matrix, title:
 
 def block_error_heatmap(error, block: int, title: str = "quantization error by block"):
     """Mean |W - W_q| per block x block tile of one weight matrix (a 2-D array, N x K)."""
-    import numpy as np
     import plotly.graph_objects as go
     e = np.asarray(error, dtype=np.float64)
     n, k = e.shape[0] // block, e.shape[1] // block

@@ -1,6 +1,7 @@
 """Activation-sparsity maps: achieved sparsity per layer and role (and per layer and token)."""
 from __future__ import annotations
 
+import re
 from typing import Mapping, Sequence
 
 ROLE_ORDER = ["q", "k", "v", "q_a", "q_b", "kv_a", "kv_b", "o", "gate", "up", "down"]
@@ -11,7 +12,6 @@ def layer_role_matrix(modules: Sequence[Mapping]) -> tuple[list[int], list[str],
 
     Modules of the same layer and role (shared experts, say) are averaged by parameters.
     """
-    import re
     cells: dict[tuple[int, str], list[float]] = {}
     for m in modules:
         layer = re.search(r"layers\.(\d+)\.", m["fqn"])
