@@ -232,9 +232,12 @@ def test_lora_on_cuda_trains_merges_and_gets_its_kernels_back(precision):
         assert (merged - adapted).norm() < 0.5 * (base - adapted).norm()
     else:  # int4 requantization re-rounds the whole weight: within what the int4 format costs on its own
         assert (merged - adapted).norm() < (base - engine.reference_logits(ids)).norm()
-    assert engine.generate(["hello"], max_new_tokens=4) is not None
+    first = engine.generate(["hello"], max_new_tokens=1, chat=False)[0]  # the batch runner, graphed, kernels on
     kernels = [m.kernel for m in engine.model.modules() if getattr(m, "is_workbench_linear", False)]
     assert kernels and all(kernels)  # every merged layer got its Triton kernel back
+    with engine.dense_prefill():  # the runner prefills dense (TEAL's default): the same math here
+        logits = engine.forward(engine.encode(["hello"], chat=False)["input_ids"])[0, -1]
+    assert first == engine.tokenizer.decode([int(logits.argmax())], skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("precision", ["none", "int8"])

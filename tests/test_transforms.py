@@ -1,7 +1,7 @@
 import torch
 
 from workbench import Engine, Policy
-from workbench.transforms import apply_policy, unwrap
+from workbench.transforms import apply_policy, unwrap, wrappers
 
 
 def test_identity_policy_gives_bit_identical_logits(tiny_name, sample_ids):
@@ -13,14 +13,25 @@ def test_identity_policy_gives_bit_identical_logits(tiny_name, sample_ids):
     assert torch.equal(engine.reference_logits(sample_ids), expected.float())
 
 
-def test_unwrap_restores_state_dict(tiny_engine, sample_ids):
-    before = {k: v.clone() for k, v in tiny_engine.model.state_dict().items()}
+def test_identity_wraps_nothing(tiny_engine):
+    before = dict(tiny_engine.model.named_modules())
     apply_policy(tiny_engine.model, Policy.identity())
-    unwrap(tiny_engine.model)
-    after = tiny_engine.model.state_dict()
-    assert before.keys() == after.keys()
+    assert not list(wrappers(tiny_engine.model))
+    assert dict(tiny_engine.model.named_modules()) == before  # the very same module objects
+
+
+def test_unwrap_restores_state_dict(tiny_engine, sample_ids):
+    model = tiny_engine.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logits = model(sample_ids).logits
+    apply_policy(model, Policy.uniform(0.3, "topk", "int8"))
+    assert len(list(wrappers(model))) > 0 and not torch.equal(model(sample_ids).logits, logits)
+    unwrap(model)
+    after = model.state_dict()
+    assert not list(wrappers(model)) and before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not hasattr(tiny_engine.model, "workbench_policy")
+    assert torch.equal(model(sample_ids).logits, logits)
+    assert not hasattr(model, "workbench_policy")
 
 
 def test_padding_does_not_change_logits(sample_ids):

@@ -7,10 +7,11 @@ import ipywidgets as W
 import numpy as np
 
 from workbench.attention.capture import capture_attention
-from workbench.policy import Policy
+from workbench.policy import ATTENTION_SELECTORS, Policy
 from workbench.widgets.panel import Panel, metrics_html
 
-SELECTORS = ["topk", "indexer", "block", "window", "hierarchical", "dense"]
+# the registry's selectors: top-k first (the panel opens on it), dense last
+SELECTORS = sorted(ATTENTION_SELECTORS.names(), key=lambda name: (name != "topk", name == "dense"))
 
 
 class AttentionExplorer(Panel):

@@ -8,12 +8,14 @@ import ipywidgets as W
 
 from workbench.formats.mixed_precision import with_auto_precision
 from workbench.formats.sensitivity import cached_scan
-from workbench.policy import Policy, parse_precision
+from workbench.policy import WEIGHT_FORMATS, Policy, parse_precision
 from workbench.probes import PromptProber
 from workbench.widgets.panel import Panel, metrics_html
 from workbench.widgets.sparsity import DEFAULT_PROMPT
 
-FORMATS = ["none", "bf16", "fp8", "int8", "int8-block64", "int4-g32", "int4-g64", "int4-g128", "int4-g32-asym"]
+# every registered format's spellings (the registry's `labels`), the model's own weights first
+FORMATS = ["none"] + [label for name in WEIGHT_FORMATS.names() if name != "none"
+                      for label in WEIGHT_FORMATS.get(name).labels()]
 
 
 class PrecisionTuner(Panel):

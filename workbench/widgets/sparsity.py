@@ -5,7 +5,7 @@ import html
 
 import ipywidgets as W
 
-from workbench.policy import Policy, parse_sparsity
+from workbench.policy import DEFAULT_SPARSITY_RULE, SPARSITY_RULES, Policy, parse_sparsity
 from workbench.probes import PromptProber
 from workbench.widgets.panel import Panel, metrics_html
 
@@ -25,7 +25,9 @@ class SparsityTuner(Panel):
     """
 
     def __init__(self, engine, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 24,
-                 rules=("topk", "threshold", "weighted", "greedy"), per_layer: bool = True):
+                 rules: tuple[str, ...] | None = None, per_layer: bool = True):
+        rules = rules or tuple(sorted((n for n in SPARSITY_RULES.names() if n != "dense"),
+                                      key=lambda n: n != DEFAULT_SPARSITY_RULE))  # the registry's, top-k first
         super().__init__("Activation sparsity")
         from plotly import graph_objects as go
 
