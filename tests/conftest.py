@@ -1,4 +1,8 @@
+import contextlib
 import os
+import socket
+import threading
+import time
 
 import pytest
 import torch
@@ -66,3 +70,28 @@ def default_engine() -> Engine:
 def sample_ids() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (2, 24), generator=g)
+
+
+@contextlib.contextmanager
+def live_server(server):
+    """A real uvicorn server for a `workbench.server.build` result on a free loopback port, in a thread:
+    yields the port; on exit the web server stops and the scheduler, batcher and controller close."""
+    import uvicorn
+
+    from workbench.server import close
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    web = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not web.started and time.time() < deadline:
+        time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        web.should_exit = True
+        thread.join(10)
+        close(server)

@@ -3,13 +3,12 @@ listener fails it (and, for a step, the requests of that step) with an error nam
 else, and everyone after, gets the exact greedy answer. Only the loop's own death makes /health say
 unhealthy, and then nothing hangs: submit and set_policy answer with an error at once."""
 import dataclasses
-import socket
 import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
+from conftest import live_server
 
 import workbench.runtime.decoder
 import workbench.runtime.runner
@@ -17,7 +16,7 @@ from workbench import Engine, Policy
 from workbench import SamplingParams
 from workbench.errors import InputError, PolicyError, WorkbenchError
 from workbench.scheduler import Scheduler
-from workbench.server import build, close
+from workbench.server import build
 
 BAD_SEED = 4242
 MARKER = "~"  # a prompt holding this byte fails in prefill (test d)
@@ -75,23 +74,10 @@ def test_a_request_failing_in_sampling_fails_alone(engine, expected, failing_see
 
 # ---- (b) the same, through the live server -----------------------------------------------------------------
 def serve(server):
-    """A real uvicorn server on a free loopback port, in a thread; returns (url, stop)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    web = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not web.started and time.time() < deadline:
-        time.sleep(0.02)
-
-    def stop():
-        web.should_exit = True
-        thread.join(10)
-        close(server)
-    return f"http://127.0.0.1:{port}", stop
+    """The live server and a stop function: (url, stop)."""
+    ctx = live_server(server)
+    port = ctx.__enter__()
+    return f"http://127.0.0.1:{port}", lambda: ctx.__exit__(None, None, None)
 
 
 def assert_openai_error(response, status: int):

@@ -2,13 +2,11 @@
 their own answer, bad input gets OpenAI's error body with 400/401/404/429, /metrics is there."""
 import concurrent.futures
 import json
-import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
+from conftest import live_server
 from starlette.testclient import TestClient
 
 from workbench import Engine
@@ -24,22 +22,8 @@ def engine():
 def live(engine):
     """A real uvicorn server on a free port, in a thread."""
     server = build(engine, max_num_seqs=4, max_queue=256, max_model_len=256)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    config = uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="error")
-    web = uvicorn.Server(config)
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if web.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", server
-    web.should_exit = True
-    thread.join(10)
-    close(server)
+    with live_server(server) as port:
+        yield f"http://127.0.0.1:{port}", server
 
 
 def test_the_official_client_works_unchanged(live, engine):

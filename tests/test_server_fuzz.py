@@ -16,17 +16,16 @@ import json
 import logging
 import re
 import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
+from conftest import live_server
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from workbench import Engine
-from workbench.server import MAX_BODY_BYTES, build, close
+from workbench.server import MAX_BODY_BYTES, build
 
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -60,20 +59,8 @@ def valid(engine):
 @pytest.fixture(scope="module")
 def live(engine, valid):
     server = build(engine, max_num_seqs=4, max_queue=3, max_model_len=256, api_key=KEY)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    web = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=web.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not web.started and time.time() < deadline:
-        time.sleep(0.02)
-    yield "127.0.0.1", port, server
-    web.should_exit = True
-    thread.join(10)
-    close(server)
+    with live_server(server) as port:
+        yield "127.0.0.1", port, server
 
 
 # ---- strategies -------------------------------------------------------------------------------------------
