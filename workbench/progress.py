@@ -2,8 +2,8 @@
 
 tqdm's bar is made for a terminal: with stderr going to a file, a pipe, CI or a captured cell it either
 prints nothing useful or one carriage-return soup. So the bar (tqdm.auto: a widget in a notebook) shows
-only on a terminal or in a notebook kernel; elsewhere the same loop writes a line every few seconds,
-"calibrating: 12/40 windows (30%), 8.1 s elapsed, about 19 s left", and one when it ends.
+only on a terminal or in a notebook kernel; elsewhere the same loop writes a line now and then,
+"calibrating: 12/40 windows (30%), 8.1 s elapsed, about 19 s left" (every 10 s), and one at the end.
 
     for window in progress(windows, desc="calibrating", unit="window"):
         ...
@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Iterable
 
-LINE_EVERY_S = 5.0
+LINE_EVERY_S = 10.0
 
 
 def interactive() -> bool:
