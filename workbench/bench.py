@@ -9,10 +9,15 @@ the bytes a token must read into a roofline (the fastest a memory-bound decode c
 Policy names are `Policy.parse`'s shorthand: ``dense``, a weight format (``int8``, ``int4-g64``, ...; it
 covers the output head too), ``topkNN`` (NN% activation sparsity, exact per token), ``thresholdNN``
 (TEAL's calibrated cut), and ``+`` to combine (``topk50+int8``).
+
+With ``profile=True`` (``--profile``) each row also holds `workbench.profiling.profile_step`'s table: the
+kernels of one decode step, grouped by layer role, with their time, the bytes they must read, the
+bandwidth they reach, and the gaps between them.
 """
 from __future__ import annotations
 
 import gc
+import logging
 import resource
 import statistics
 import time
@@ -24,11 +29,14 @@ from workbench.engine import Engine
 from workbench.environment import environment
 from workbench.errors import InputError
 from workbench.policy import Policy
+from workbench.profiling import format_profile, kv_read_bytes, linear_read_bytes, profile_step
 from workbench.roles import linear_modules
 from workbench.runtime.cache import cache_capacity
 from workbench.runtime.decoder import unsupported_reason
 from workbench.runtime.sampling import SamplingParams, Sequence
 from workbench.transforms import wrappers
+
+log = logging.getLogger(__name__)
 
 DEFAULT_POLICIES = ("dense", "int8", "int4-g64", "topk25", "topk40", "topk50", "topk50+int8")
 
@@ -45,6 +53,7 @@ class Row:
     kernels: dict = field(default_factory=dict)  # kernel name -> number of layers it serves
     achieved_sparsity: float | None = None
     graph_ms: float | None = None  # the captured step alone, without the host's token handling
+    profile: dict | None = None  # profiling.profile_step's table, with --profile
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -80,18 +89,8 @@ def step_bytes(engine, batch: int, context: int) -> int:
     """Bytes one decode step must read at least: every linear layer's weight as the policy stores it,
     less the columns a sparsified layer skips (batch 1 only: a batch reads the union of its tokens'
     columns), plus the KV cache it attends over. The embedding table is not read (one row per token)."""
-    total = 0
-    for _, m, _ in linear_modules(engine.model):
-        if getattr(m, "is_workbench_linear", False):
-            nbytes = m.compute_weight_bytes()
-            a = m.achieved_sparsity if m.sparsifier is not None else None
-            total += nbytes - (int(a * nbytes) if a and batch == 1 else 0)
-        else:
-            total += m.weight.numel() * m.weight.element_size()
-    cfg = engine.model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * batch
-    return total + kv * next(engine.model.parameters()).element_size()
+    weights = sum(linear_read_bytes(m, batch) for _, m, _ in linear_modules(engine.model))
+    return weights + kv_read_bytes(engine.model, batch, context)
 
 
 def time_decode(engine, batch: int, prompt_tokens: int, new_tokens: int, seed: int = 0) -> list[float]:
@@ -161,8 +160,9 @@ def kernel_census(engine) -> dict:
 
 def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_tokens: int = 128,
               new_tokens: int = 64, transformers_baseline: bool = True, device: str | None = None,
-              progress=None) -> dict:
-    """The whole matrix; returns a JSON-able dict (rows, baseline, roofline, environment)."""
+              progress=None, profile: bool = False) -> dict:
+    """The whole matrix; returns a JSON-able dict (rows, baseline, roofline, environment); with `profile`,
+    each row's decode step kernel by kernel (`row["profile"]`)."""
     parsed = [(name, Policy.parse(name)) for name in policies]  # bad names fail before the load
     if any(b < 1 for b in batches):
         raise InputError("batch sizes must be positive")
@@ -196,15 +196,29 @@ def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_toke
             stats = engine.stats()  # before the graph-only timing adds steps of token 0
             graph_ms = time_graph(engine, batch, cache_capacity(prompt_tokens + new_tokens))
             sparsity = (stats["achieved_sparsity"] or {}).get("overall")
+            context = prompt_tokens + new_tokens // 2
             row = Row(name, batch, ms, batch * 1e3 / ms, stats["weight_bytes"], _peak_bytes(dev),
-                      step_bytes(engine, batch, prompt_tokens + new_tokens // 2) / bandwidth * 1e3,
-                      kernel_census(engine), sparsity, graph_ms)
+                      step_bytes(engine, batch, context) / bandwidth * 1e3, kernel_census(engine), sparsity, graph_ms)
+            if profile:
+                row.profile = _profile(engine, batch, cache_capacity(prompt_tokens + new_tokens), context, bandwidth)
             result["rows"].append(asdict(row))
             say(f"{name:>14} batch {batch}: {ms:7.2f} ms/step  {row.tokens_per_s:8.1f} tok/s  "
-                f"roofline {row.roofline_ms:6.2f} ms" + (f"  graph {graph_ms:6.2f} ms" if graph_ms else ""))
+                f"roofline {row.roofline_ms:6.2f} ms" + (f"  graph {graph_ms:6.2f} ms" if graph_ms else "")
+                + (f"  kernels {row.profile['kernel_us'] / 1e3:6.2f} ms + gaps {row.profile['gaps_us'] / 1e3:5.2f} ms"
+                   if row.profile and "error" not in row.profile else ""))
         engine.invalidate()  # frees the runner's cache before the next policy
     _summarise(result)
     return result
+
+
+def _profile(engine, batch: int, capacity: int, context: int, bandwidth: float) -> dict:
+    """The row's profile; a profiler failure (CUPTI, a driver) is recorded in the row, not fatal to the
+    timings already measured."""
+    try:
+        return profile_step(engine, engine.runner(batch, capacity), batch, context, bandwidth=bandwidth)
+    except Exception as e:  # reported in the row and logged with its traceback, not hidden
+        log.exception("profiling batch %d failed", batch)
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def _summarise(result: dict) -> None:
@@ -236,6 +250,9 @@ def format_table(result: dict) -> str:
         lines.append(f"\ntransformers eager generate (dense, batch 1): {result['transformers_eager_ms']:.2f} ms/token"
                      + (f"; the engine's dense decode is {result['dense_speedup_vs_transformers']:.1f}x faster"
                         if result.get("dense_speedup_vs_transformers") else ""))
+    for r in result["rows"]:
+        if r.get("profile"):
+            lines += ["", format_profile(r["profile"], f"{r['policy']}, batch {r['batch']}")]
     return "\n".join(lines)
 
 

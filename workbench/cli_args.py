@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--kernels", choices=("auto", "triton", "reference"), default="auto",
                        help="Triton kernels on CUDA (auto, triton) or the reference paths everywhere")
     bench.add_argument("--no-transformers", action="store_true", help="skip transformers' eager generate baseline")
+    bench.add_argument("--profile", action="store_true",
+                       help="per policy and batch: one decode step's kernels by layer role, with time, bytes, "
+                            "bandwidth and the gaps between kernels")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     bench.add_argument("--out", metavar="FILE.json", help="also write the results here")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
