@@ -158,7 +158,7 @@ def profile_step(engine, runner, batch: int, context: int | None = None, steps: 
     saved = list(cache.host_lengths)
 
     def eager():  # the decoder's step itself, never the graph: a replay hides kernel boundaries
-        return runner.decoder.step(cache, ids)
+        return runner.raw_step(ids, eager=True)
 
     with engine.exclusive(), torch.inference_mode():
         runner.raw_step(ids)  # builds the decoder (and its graph) for the current modules

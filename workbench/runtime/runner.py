@@ -213,10 +213,11 @@ class BatchRunner:
             self.cache.release(seq.slot)
             seq.slot = None
 
-    def raw_step(self, ids: torch.Tensor) -> torch.Tensor:
-        """The decode step alone on device ids (S,), no bookkeeping: what a benchmark times."""
+    def raw_step(self, ids: torch.Tensor, eager: bool = False) -> torch.Tensor:
+        """The decode step alone on device ids (S,), no bookkeeping: what a benchmark times. `eager`: the
+        decoder's own step even where a graph exists (a profiler sees kernel boundaries a replay hides)."""
         self._ensure()
-        return (self.graph or self.decoder.step)(self.cache, ids)
+        return (self.decoder.step if eager or self.graph is None else self.graph)(self.cache, ids)
 
     # ---- a whole batch ---------------------------------------------------------------------------------------
     def run(self, seqs: list[Sequence]) -> Iterator[list[Sequence]]:
