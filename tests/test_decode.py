@@ -127,3 +127,15 @@ def test_default_model_greedy_equals_transformers(default_engine):
     prompt = render_chat(default_engine.tokenizer, [{"role": "user", "content": "Write a haiku about the sea."}])
     seq = run(default_engine, [prompt], 1, SamplingParams(max_new_tokens=40), capacity=256)[0]
     assert len(seq.tokens) > 10 and seq.tokens == hf_greedy(default_engine, prompt, 40)
+
+
+def test_a_stream_closed_early_leaves_nothing_running():
+    """A panel cancels its text stream between two tokens: the runner it used must come back empty."""
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
+    expected = engine.generate(["abc"], max_new_tokens=8, chat=False)[0]
+    stream = engine.stream("hello there", max_new_tokens=50, chat=False)
+    next(stream)
+    stream.close()  # the consumer went away mid-way
+    runner = engine.runner(1, 256)
+    assert runner.running == [] and runner.free_slots == runner.slots
+    assert engine.generate(["abc"], max_new_tokens=8, chat=False)[0] == expected

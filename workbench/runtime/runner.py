@@ -227,22 +227,27 @@ class BatchRunner:
         for seq in seqs:
             self.check(seq)
         waiting = list(seqs)
-        while waiting or self.running:
-            joined = [waiting.pop(0) for _ in range(min(len(waiting), self.free_slots))]
-            if joined:
-                self.admit(joined)
-                self._raise_failures(joined)
-                yield joined
+        try:
+            while waiting or self.running:
+                joined = [waiting.pop(0) for _ in range(min(len(waiting), self.free_slots))]
+                if joined:
+                    self.admit(joined)
+                    self._raise_failures(joined)
+                    yield joined
+                    self.retire()
+                if not self.running:
+                    continue
+                self._ensure()
+                if self.graph is not None and not waiting and all(s.params.greedy for s in self.running):
+                    yield from self._pipelined()
+                    continue
+                took = self.step()
+                self._raise_failures(took)
+                yield took
                 self.retire()
-            if not self.running:
-                continue
-            self._ensure()
-            if self.graph is not None and not waiting and all(s.params.greedy for s in self.running):
-                yield from self._pipelined()
-                continue
-            took = self.step()
-            self._raise_failures(took)
-            yield took
+        finally:  # a caller that stops early (a closed stream, an error) leaves no sequence holding a slot
+            for seq in seqs:
+                self.cancel(seq)
             self.retire()
 
     @staticmethod
