@@ -53,7 +53,7 @@ _NAMED = ((re.compile(r"rms_?norm", re.I), "norms"),
           (re.compile(r"rope|rotary|sparse_decode|merge_splits|index_scores|attention|sdpa|flash|fmha", re.I),
            "attention"),
           (re.compile(r"silu|swiglu", re.I), "gate|up"))
-_MATMUL = re.compile(r"gemm|gemv|nvjet|xmma|cutlass|splitk|^aten::(mm|addmm|bmm|matmul|linear)$", re.I)
+_MATMUL = re.compile(r"gemm|gemv|nvjet|xmma|cutlass|splitk|tinygemm|int4pack|gemlite|^aten::(mm|addmm|bmm|matmul|linear)$", re.I)
 
 
 # ---- bytes each group must read ----------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def _group_tile(b, xl, xh, s, mn, IS_BF16: tl.constexpr, HAS_MIN: tl.constexpr, 
 
 
 @triton.jit(do_not_specialize=["M", "GSTEPS", "n_split"])
-def _w4_kernel(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, GSTEPS, n_split,
+def _w4_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, GSTEPS, n_split,
                GROUP: tl.constexpr, HAS_MIN: tl.constexpr, IS_BF16: tl.constexpr, BLOCK_T: tl.constexpr,
                BLOCK_N: tl.constexpr, USE_WS: tl.constexpr, ASM: tl.constexpr, SCALED: tl.constexpr,
                PAIR: tl.constexpr, TWO: tl.constexpr):
@@ -320,7 +320,7 @@ def launch(x: torch.Tensor, packed: dict, cfg: dict, y: torch.Tensor | None = No
     use_ws = n_split > 1
     ws = workspace(x.device, tiles * n_split * bt * bn) if use_ws else y
     lk = locks(x.device, tiles) if use_ws else y
-    _w4_kernel[(tiles, n_split)](x, qp, st, st if mt is None else mt, y, ws, lk, m, n, k, x.stride(0), y.stride(0),
+    _w4_gemv_kernel[(tiles, n_split)](x, qp, st, st if mt is None else mt, y, ws, lk, m, n, k, x.stride(0), y.stride(0),
                                  steps, n_split, GROUP=group, HAS_MIN=mt is not None,
                                  IS_BF16=x.dtype == torch.bfloat16, BLOCK_T=bt, BLOCK_N=bn, USE_WS=use_ws,
                                  ASM=cfg.get("asm", _ASM), SCALED=scaled, PAIR=pair, TWO=two,

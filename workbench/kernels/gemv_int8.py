@@ -28,7 +28,7 @@ MAX_TOKENS = 64
 
 
 @triton.jit(do_not_specialize=["M", "STEPS", "n_split"])
-def _w8_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, STEPS, n_split,
+def _w8_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, STEPS, n_split,
                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_WS: tl.constexpr,
                EVEN_K: tl.constexpr, TWO: tl.constexpr):
     """TWO: the BLOCK_T tokens as two halves (two mma.sync dots sharing one converted weight tile)
@@ -121,7 +121,7 @@ def launch(x: torch.Tensor, packed: dict, cfg: dict, y: torch.Tensor | None = No
     use_ws = n_split > 1
     ws = workspace(x.device, tiles * n_split * bt * bn) if use_ws else y
     lk = locks(x.device, tiles) if use_ws else y
-    _w8_kernel[(tiles, n_split)](x, q, scale, y, ws, lk, m, n, k, x.stride(0), y.stride(0), steps, n_split,
+    _w8_gemv_kernel[(tiles, n_split)](x, q, scale, y, ws, lk, m, n, k, x.stride(0), y.stride(0), steps, n_split,
                                  BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk, USE_WS=use_ws, EVEN_K=k % bk == 0,
                                  TWO=bool(cfg.get("two")) and bt >= 32,  # halves of >= 16 tokens
                                  num_warps=cfg["warps"], num_stages=cfg["stages"])

@@ -33,7 +33,7 @@ MAX_TOKENS = 64
 
 
 @triton.jit(do_not_specialize=["M", "STEPS", "n_split"])
-def _sparse_dot_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, STEPS,
+def _sparse_dot_gemv_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, STEPS,
                        n_split, HAS_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, USE_WS: tl.constexpr, EVEN_K: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -73,7 +73,7 @@ def _sparse_dot_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N
 
 
 @triton.jit(do_not_specialize=["M", "STEPS", "n_split"])
-def _sparse_fma_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, STEPS,
+def _sparse_fma_gemv_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, STEPS,
                        n_split, HAS_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, USE_WS: tl.constexpr, EVEN_K: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -110,7 +110,7 @@ def _sparse_fma_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N
 
 
 @triton.jit(do_not_specialize=["M", "n_split"])
-def _sparse_gather_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, idx_ptr, M, N, K, stride_xm, stride_ym,
+def _sparse_gather_gemv_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, idx_ptr, M, N, K, stride_xm, stride_ym,
                           n_split, HAS_SCALE: tl.constexpr, SLAB: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, USE_WS: tl.constexpr):
     """One token. A program takes a slab of SLAB inputs, lists the kept ones (prefix sum, written to its
@@ -206,7 +206,7 @@ def launch(x: torch.Tensor, threshold: torch.Tensor, packed: dict, cfg: dict,
     use_ws = n_split > 1
     ws = workspace(x.device, tiles * n_split * bt * bn) if use_ws else y
     lk = locks(x.device, tiles) if use_ws else y
-    kernel = _sparse_fma_kernel if kind == "fma" else _sparse_dot_kernel
+    kernel = _sparse_fma_gemv_kernel if kind == "fma" else _sparse_dot_gemv_kernel
     kernel[(tiles, n_split)](x, threshold, wt, wt if scale is None else scale, y, ws, lk, m, n, k, x.stride(0),
                              y.stride(0), steps, n_split, HAS_SCALE=scale is not None, BLOCK_T=bt, BLOCK_N=bn,
                              BLOCK_K=bk, USE_WS=use_ws, EVEN_K=k % bk == 0, num_warps=cfg["warps"],
@@ -228,7 +228,7 @@ def _launch_gather(x, threshold, packed, cfg, y):
     ws = workspace(x.device, part + tiles * n_split * slab)
     idx = ws[part:part + tiles * n_split * slab].view(torch.int32)
     lk = locks(x.device, tiles) if use_ws else y
-    _sparse_gather_kernel[(tiles, n_split)](x, threshold, wt, wt if scale is None else scale, y, ws if use_ws else y, lk,
+    _sparse_gather_gemv_kernel[(tiles, n_split)](x, threshold, wt, wt if scale is None else scale, y, ws if use_ws else y, lk,
                                             idx, 1, n, k, x.stride(0), y.stride(0), n_split,
                                             HAS_SCALE=scale is not None, SLAB=slab, BLOCK_N=bn,
                                             BLOCK_K=cfg["block_k"], USE_WS=use_ws, num_warps=cfg["warps"],

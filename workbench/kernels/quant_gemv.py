@@ -107,27 +107,6 @@ def _layout(tensors: dict, k: int) -> tuple:
     return 4, group, 1, scale.stride(0), scale.stride(1), 256
 
 
-# ---- aten's tinygemm int4 kernel, a candidate the tuner may prefer ---------------------------------------------
-def tinygemm_pack(tensors: dict) -> tuple | None:
-    """Our int4 tensors in tinygemm's layout (even k in the high nibble; scale and zero per group,
-    w = (q - 8) * scale + zero); None where tinygemm cannot take the shape."""
-    from workbench.formats.quant import int4_scale_and_zero, unpack_int4
-    q = tensors["q"]
-    if q.dtype != torch.uint8 or not q.is_cuda:
-        return None
-    n, k = q.shape[0], q.shape[1] * 2
-    group = k // tensors["scale"].shape[1]
-    inner = next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)
-    if inner is None or n % 8 or group not in (32, 64, 128, 256):
-        return None
-    try:
-        u = unpack_int4(q).to(torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), inner)
-        return packed, int4_scale_and_zero(tensors).to(torch.bfloat16), group
-    except (RuntimeError, AttributeError):
-        return None
-
-
 def launch_candidates(m: int, n: int, k: int, bits: int, device) -> list[dict]:
     """The launch configs the tuner times for an (m x k) @ (k x n) problem (every one is tested)."""
     default_k = 128 if bits == 8 else 256
@@ -141,10 +120,9 @@ def launch_candidates(m: int, n: int, k: int, bits: int, device) -> list[dict]:
             for s in split_for(triton.cdiv(n, bn), triton.cdiv(k, bk), sms)]
 
 
-def quant_gemv(x: torch.Tensor, tensors: dict, config: dict | None = None, tinygemm: tuple | None = None) -> torch.Tensor:
+def quant_gemv(x: torch.Tensor, tensors: dict, config: dict | None = None) -> torch.Tensor:
     """x (M, K) with M <= 64, bf16/fp16 -> (M, N) in x's dtype, for int8 / int8-block / int4 tensors.
-
-    `tinygemm` (from `tinygemm_pack`, bf16 activations only) adds aten's kernel to the candidates."""
+    `config` None: the tuner's pick among `launch_candidates` (`kernels.quant_paths` adds the others)."""
     q, scale, minimum = tensors["q"], tensors["scale"], tensors.get("min")
     m, k = x.shape
     n = q.shape[0]
@@ -155,9 +133,6 @@ def quant_gemv(x: torch.Tensor, tensors: dict, config: dict | None = None, tinyg
     block_m = 1 if m == 1 else max(16, triton.next_power_of_2(m))  # tl.dot needs at least 16 rows
 
     def launch(cfg):
-        if cfg.get("impl") == "tinygemm":
-            packed, sz, g = tinygemm
-            return torch.ops.aten._weight_int4pack_mm(x, packed, g, sz)
         split, block_n, block_k = cfg["split"], cfg["block_n"], cfg.get("block_k", default_k)
         steps = triton.cdiv(k, block_k)
         atomic = split > 1
@@ -173,8 +148,6 @@ def quant_gemv(x: torch.Tensor, tensors: dict, config: dict | None = None, tinyg
 
     if config is None:
         candidates = launch_candidates(m, n, k, bits, x.device)
-        if tinygemm is not None and x.dtype == torch.bfloat16:
-            candidates.append(dict(impl="tinygemm"))
-        config = tuned(("quant_gemv", bits, group, minimum is not None, m, n, k, x.dtype, tinygemm is not None),
+        config = tuned(("quant_gemv", bits, group, minimum is not None, m, n, k, x.dtype),
                        candidates, launch)
     return launch(config)

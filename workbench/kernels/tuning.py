@@ -5,11 +5,13 @@ float32 buffer and the final cast), and the timing must cover that, not the kern
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Hashable, Sequence
 
 import torch
 
+log = logging.getLogger(__name__)
 _BEST: dict[Hashable, dict] = {}
 
 
@@ -27,11 +29,20 @@ def tuned(key: Hashable, candidates: Sequence[dict], launch: Callable[[dict], ob
             or torch.cuda.is_current_stream_capturing()):
         _BEST[key] = candidates[0]
         return candidates[0]
-    best, best_ms = candidates[0], float("inf")
+    best, best_ms, failed = None, float("inf"), []
     for cfg in candidates:
-        ms = _graph_time(lambda: launch(cfg), reps)
+        try:
+            ms = _graph_time(lambda: launch(cfg), reps)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile or launch here is not a choice
+            failed.append(f"{cfg}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+            continue
         if ms < best_ms:
             best, best_ms = cfg, ms
+    if failed:
+        log.warning("tuner: %d of %d configs for %s failed and were skipped (first: %s)", len(failed),
+                    len(candidates), key, failed[0])
+    if best is None:
+        raise RuntimeError(f"no launch config works for {key}: {failed[0]}")
     _BEST[key] = best
     return best
 
@@ -89,3 +100,8 @@ def split_for(n_tiles: int, k_steps: int, sms: int, waves: int = 4) -> list[int]
 
 def sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() else 1
+
+
+def remembered(key: Hashable) -> dict | None:
+    """The config `tuned` kept for `key`, or None before it was tuned."""
+    return _BEST.get(key)

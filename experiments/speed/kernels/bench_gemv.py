@@ -472,14 +472,15 @@ def main():
                 e = rel_err(gemv_int4.launch(X[0], P4[0], best, y=torch.full((m, n), float("nan"), device=dev, dtype=act)), ref4)
                 add("int4", "ours int4-g64", name, n, k, m, us, i4_bytes, e, best, base)
                 if "old" in peers:
-                    from workbench.kernels.quant_gemv import quant_gemv, tinygemm_pack
+                    from workbench.kernels.quant_gemv import quant_gemv
+                    from workbench.kernels.peers import tinygemm_pack
                     T4 = cp("t4", lambda: t4)
                     quant_gemv(X[0], t4)
                     us = graph_us([lambda x=x, t=t: quant_gemv(x, t) for x, t in zip(X, T4)], args.iters)
                     add("int4", "old quant_gemv int4", name, n, k, m, us, i4_bytes, rel_err(quant_gemv(X[0], t4), ref4), None, base)
                 if "tinygemm" in peers:
                     try:
-                        from workbench.kernels.quant_gemv import tinygemm_pack
+                        from workbench.kernels.peers import tinygemm_pack
                         TG = cp("tg", lambda: tinygemm_pack(t4))
                         f = lambda x, tg: torch.ops.aten._weight_int4pack_mm(x, tg[0], tg[2], tg[1])
                         e = rel_err(f(X[0], TG[0]), ref4)

@@ -80,7 +80,7 @@ def main():
                 bn, bk, w, s, two = cfg
                 for ws in (True,):
                     consts = dict(BLOCK_T=gemv_int8.block_t(m), BLOCK_N=bn, BLOCK_K=bk, USE_WS=ws, EVEN_K=True, TWO=two)
-                    jobs.append((f"int8 T{consts['BLOCK_T']} N{bn} K{bk} w{w} s{s} two{int(two)}", gemv_int8._w8_kernel, sig,
+                    jobs.append((f"int8 T{consts['BLOCK_T']} N{bn} K{bk} w{w} s{s} two{int(two)}", gemv_int8._w8_gemv_kernel, sig,
                                  consts, w, s, div + ["q_ptr", "s_ptr"], bn * bk))
     if args.family in ("all", "int4"):
         sig = {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp16", "m_ptr": "*fp16", "y_ptr": "*bf16", "ws_ptr": "*fp32",
@@ -93,7 +93,7 @@ def main():
                     consts = dict(GROUP=64, HAS_MIN=has_min, IS_BF16=True, BLOCK_T=gemv_int4.block_t(m), BLOCK_N=bn, USE_WS=True,
                                   ASM=True, SCALED=scaled, PAIR=pair, TWO=two and scaled and m > 16)
                     jobs.append((f"int4 T{consts['BLOCK_T']} N{bn} w{w} s{s} sc{int(scaled)} pr{int(pair)} two{int(consts['TWO'])}",
-                                 gemv_int4._w4_kernel, sig, consts, w, s, div + ["q_ptr", "s_ptr", "m_ptr"],
+                                 gemv_int4._w4_gemv_kernel, sig, consts, w, s, div + ["q_ptr", "s_ptr", "m_ptr"],
                                  bn * 32 * (2 if pair else 1)))
     if args.family in ("all", "sparse"):
         for wdt in ("bf16", "i8"):
@@ -107,11 +107,11 @@ def main():
                         gsig = {k_: v for k_, v in sig.items() if k_ != "STEPS"}
                         gsig = dict(list(gsig.items())[:7] + [("idx_ptr", "*i32")] + list(gsig.items())[7:])
                         consts = dict(HAS_SCALE=wdt == "i8", SLAB=slab, BLOCK_N=bn, BLOCK_K=bk, USE_WS=True)
-                        jobs.append((f"sparse {wdt} gather N{bn} K{bk} w{w} slab{slab}", gemv_sparse._sparse_gather_kernel,
+                        jobs.append((f"sparse {wdt} gather N{bn} K{bk} w{w} slab{slab}", gemv_sparse._sparse_gather_gemv_kernel,
                                      gsig, consts, w, s, div + ["w_ptr", "s_ptr", "t_ptr", "idx_ptr"],
                                      bn * bk * (1 if wdt == "i8" else 2)))
                         continue
-                    fn = gemv_sparse._sparse_fma_kernel if kind == "fma" else gemv_sparse._sparse_dot_kernel
+                    fn = gemv_sparse._sparse_fma_gemv_kernel if kind == "fma" else gemv_sparse._sparse_dot_gemv_kernel
                     consts = dict(HAS_SCALE=wdt == "i8", BLOCK_T=1 if kind == "fma" else gemv_sparse.block_t(m), BLOCK_N=bn,
                                   BLOCK_K=bk, USE_WS=True, EVEN_K=True)
                     jobs.append((f"sparse {wdt} {kind} T{consts['BLOCK_T']} N{bn} K{bk} w{w} s{s}", fn, sig, consts, w, s,
