@@ -91,8 +91,32 @@ def emit_selection(v, valid, cut, row, D, cut_ptr, idx_ptr, cnt_ptr):
 
 
 @triton.jit
-def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, h_ptr, cut_ptr, idx_ptr, cnt_ptr, D, eps, keep, threshold,
-                        HAS_DELTA: tl.constexpr, CUT: tl.constexpr, BLOCK: tl.constexpr,
+def _mask_and_count(v, valid, keep, threshold, nz0, en0, nz1, en1, nz2, en2, CUT: tl.constexpr, NC: tl.constexpr,
+                    SB: tl.constexpr):
+    """v with the entries at or below the cut zeroed (CUT 1: the row's top-`keep`, 2: |v| > `threshold`),
+    and the kept / offered counts added to the consumers' counters (NC of them: the layers that read it)."""
+    if CUT == 1:
+        cut = radix_cut(v, valid, keep, SB)
+    else:
+        cut = threshold
+    kept = (tl.abs(v.to(tl.float32)) > cut) & valid
+    if NC > 0:
+        n_kept = tl.sum(kept.to(tl.int64), axis=0)
+        n_all = tl.sum(valid.to(tl.int64), axis=0)
+        tl.atomic_add(nz0, n_kept, sem="relaxed")
+        tl.atomic_add(en0, n_all, sem="relaxed")
+        if NC > 1:
+            tl.atomic_add(nz1, n_kept, sem="relaxed")
+            tl.atomic_add(en1, n_all, sem="relaxed")
+        if NC > 2:
+            tl.atomic_add(nz2, n_kept, sem="relaxed")
+            tl.atomic_add(en2, n_all, sem="relaxed")
+    return tl.where(kept, v, 0.0).to(v.dtype)
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, h_ptr, D, eps, keep, threshold, nz0, en0, nz1, en1, nz2, en2,
+                        HAS_DELTA: tl.constexpr, CUT: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr,
                         SB: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -107,11 +131,9 @@ def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, h_ptr, cut_ptr, idx_ptr, c
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     h = (x * rstd).to(h_ptr.dtype.element_ty).to(tl.float32) * w  # HF casts before scaling by the weight
     h = h.to(h_ptr.dtype.element_ty)
+    if CUT > 0:
+        h = _mask_and_count(h, mask, keep, threshold, nz0, en0, nz1, en1, nz2, en2, CUT, NC, SB)
     tl.store(h_ptr + row * D + offs, h, mask=mask)
-    if CUT == 1:
-        emit_selection(h, mask, radix_cut(h, mask, keep, SB), row, D, cut_ptr, idx_ptr, cnt_ptr)
-    if CUT == 2:  # a calibrated constant cut
-        emit_selection(h, mask, threshold, row, D, cut_ptr, idx_ptr, cnt_ptr)
 
 
 def _cut_args(cut) -> tuple[int, int, float]:
@@ -121,54 +143,89 @@ def _cut_args(cut) -> tuple[int, int, float]:
     return (1, cut.keep, 0.0) if cut.kind == "topk" else (2, 0, cut.threshold)
 
 
-def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, cut=None):
-    """(x + delta, h = rmsnorm(x + delta) * weight, the Selection of h for `cut` or None) for rows (..., D).
+def _counter_args(counters, fallback: torch.Tensor) -> tuple[list, int]:
+    """Up to three consumers' (nonzero_seen, entries_seen) int64 counters as six pointers, and how many."""
+    if len(counters) > 3:
+        raise ValueError("at most three layers count one sparsified input")
+    flat = [t for pair in counters for t in pair]
+    return flat + [fallback] * (6 - len(flat)), len(counters)
 
-    `cut` is a `Cut` (top-k or a constant threshold): the next projections' sparsity, chosen here while
-    the row is in registers."""
+
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, cut=None,
+                counters=()):
+    """(x + delta, h = rmsnorm(x + delta) * weight) for rows (..., D).
+
+    With `cut` (a `Cut`: top-k or a constant threshold, the next projections' sparsity, applied here while
+    the row is in registers) h comes sparsified, and each (nonzero_seen, entries_seen) pair of `counters`
+    (the layers that read h, at most three) counts the entries kept and offered."""
     d = x.shape[-1]
     rows = x.numel() // d
     out = torch.empty_like(x) if delta is not None else x
     h = torch.empty_like(x)
     mode, keep, threshold = _cut_args(cut)
-    sel = Selection.empty(rows, d, x.device) if mode else None
+    ptrs, nc = _counter_args(counters if mode else (), h)
     block = triton.next_power_of_2(d)
-    _add_rmsnorm_kernel[(rows,)](x, delta if delta is not None else x, weight, out, h,
-                                 *(sel.pointers() if sel else (h, h, h)), d, float(eps), keep, threshold,
-                                 HAS_DELTA=delta is not None, CUT=mode, BLOCK=block,
+    _add_rmsnorm_kernel[(rows,)](x, delta if delta is not None else x, weight, out, h, d, float(eps), keep,
+                                 threshold, *ptrs, HAS_DELTA=delta is not None, CUT=mode, NC=nc, BLOCK=block,
                                  SB=select_bits(block), num_warps=warps_for(block))
-    return out, h, sel
+    return out, h
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, cut_ptr, idx_ptr, cnt_ptr, D, keep, threshold, CUT: tl.constexpr, BLOCK: tl.constexpr,
-                     SB: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, stride_g, stride_u, D, keep, threshold, nz0, en0, nz1, en1, nz2, en2, CUT: tl.constexpr,
+                     NC: tl.constexpr, BLOCK: tl.constexpr, SB: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
-    g = tl.load(g_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * D + offs, mask=mask, other=0.0)
+    g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0)
     act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty)  # HF: silu in the model dtype, then * up
     y = (act.to(tl.float32) * u.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    if CUT > 0:
+        y = _mask_and_count(y, mask, keep, threshold, nz0, en0, nz1, en1, nz2, en2, CUT, NC, SB)
     tl.store(out_ptr + row * D + offs, y, mask=mask)
-    if CUT == 1:
-        emit_selection(y, mask, radix_cut(y, mask, keep, SB), row, D, cut_ptr, idx_ptr, cnt_ptr)
-    if CUT == 2:
-        emit_selection(y, mask, threshold, row, D, cut_ptr, idx_ptr, cnt_ptr)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor, cut=None):
-    """silu(gate) * up, and the Selection of it for `cut` (as in `add_rmsnorm`) or None."""
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, cut=None, counters=()):
+    """silu(gate) * up, sparsified by `cut` and counted into `counters` as in `add_rmsnorm`."""
     d = gate.shape[-1]
     rows = gate.numel() // d
     out = torch.empty_like(gate)
     mode, keep, threshold = _cut_args(cut)
-    sel = Selection.empty(rows, d, gate.device) if mode else None
+    ptrs, nc = _counter_args(counters if mode else (), out)
     block = triton.next_power_of_2(d)
-    _silu_mul_kernel[(rows,)](gate, up, out, *(sel.pointers() if sel else (out, out, out)), d, keep, threshold,
-                              CUT=mode, BLOCK=block, SB=select_bits(block),
-                              num_warps=warps_for(block))
-    return out, sel
+    gate, up = gate.reshape(rows, d), up.reshape(rows, d)  # views: gate|up may be halves of one output
+    if gate.stride(-1) != 1 or up.stride(-1) != 1:
+        gate, up = gate.contiguous(), up.contiguous()
+    _silu_mul_kernel[(rows,)](gate, up, out, gate.stride(0), up.stride(0), d, keep, threshold, *ptrs, CUT=mode, NC=nc, BLOCK=block,
+                              SB=select_bits(block), num_warps=warps_for(block))
+    return out
+
+
+@triton.jit
+def _mask_rows_kernel(x_ptr, out_ptr, D, keep, threshold, nz0, en0, nz1, en1, nz2, en2, CUT: tl.constexpr,
+                      NC: tl.constexpr, BLOCK: tl.constexpr, SB: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < D
+    v = tl.load(x_ptr + row * D + offs, mask=mask, other=0.0)
+    v = _mask_and_count(v, mask, keep, threshold, nz0, en0, nz1, en1, nz2, en2, CUT, NC, SB)
+    tl.store(out_ptr + row * D + offs, v, mask=mask)
+
+
+def mask_rows(x: torch.Tensor, cut, counters=()) -> torch.Tensor:
+    """x (M, D) with each row's entries at or below `cut` zeroed, counted into `counters` as in
+    `add_rmsnorm`: one launch where the rule's torch path takes seven (the input of a projection whose
+    producer is not one of the fused kernels, e.g. o's attention output)."""
+    x = x.contiguous()
+    rows, d = x.shape
+    out = torch.empty_like(x)
+    mode, keep, threshold = _cut_args(cut)
+    ptrs, nc = _counter_args(counters, out)
+    block = triton.next_power_of_2(d)
+    _mask_rows_kernel[(rows,)](x, out, d, keep, threshold, *ptrs, CUT=mode, NC=nc, BLOCK=block,
+                               SB=select_bits(block), num_warps=warps_for(block))
+    return out
 
 
 @triton.jit

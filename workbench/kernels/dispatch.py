@@ -1,29 +1,39 @@
-"""Which Triton kernel serves a `WorkbenchLinear` on CUDA: chosen once per layer from its setting.
+"""Which kernel serves a `WorkbenchLinear` (or a joined q|k|v, gate|up) on CUDA at decode: 1-64 tokens.
 
-    sparsity (topk or a calibrated threshold) | weights            -> kernel
-    ------------------------------------------+--------------------+-------------------------------------------
-    yes                                       | model's bf16/fp16  | sparse_gemv over W^T (K, N)
-    yes                                       | int8, per channel  | sparse_gemv over q^T (K, N): fused sparse+int8
-    no                                        | int8 / int8-block / int4-gN | quant_gemv over the stored tensors
-                                              |                    | (int4: or aten's tinygemm, if faster)
-    yes                                       | int8-block / int4  | sparsify in torch, then quant_gemv
-    no                                        | model's bf16/fp16  | none: cuBLAS is already at the bound
+A `LinearKernel` holds every path that computes the layer's exact math for its setting, and the tuner
+(`tuning.tuned`) times them per token count, once per shape, inside CUDA graphs; the fastest serves:
 
-Anything else (fp8, per-channel WINA thresholds, and prefill: more than 64 tokens for quant_gemv, more
-than 16 for sparse_gemv) keeps the reference path. Every path is graph-safe (no host sync), so the
-decode step captures whole. Set WORKBENCH_KERNELS=0 to keep the reference paths everywhere.
+    sparsity cut | weights             | candidate paths (all the same math)
+    -------------+---------------------+------------------------------------------------------------------
+    none         | int8 / int4         | `QuantPaths`: our GEMVs, quant_gemv, tinygemm, gemlite
+    none         | model's bf16/fp16   | none: cuBLAS (the reference path) is already at the bound
+    top-k or     | model's bf16/fp16   | sparse GEMVs over W^T (skip the weight rows of zeroed inputs),
+    threshold    |                     | or the masked input through cuBLAS
+                 | int8, row scales    | fused sparse+int8 GEMVs over q^T, or the masked input through QuantPaths
+                 | int8-block / int4   | the masked input through QuantPaths
+
+The sparse input comes masked and counted from the fused norm / activation kernel of the decode step
+(`runtime.fused`: key `(cut, "premasked")` in the shared input cache); elsewhere the layer's own rule masks
+it in torch. At one token the sparse kernels read only the kept weight rows; with several tokens they read
+the union of the tokens' kept rows, which random activations make nearly all of them from ~4 tokens on:
+there the masked dense path wins and is chosen. Prefill (more than 64 tokens), fp8, and rules with no
+scalar cut (WINA) keep the reference path, said once in the log. WORKBENCH_KERNELS=0: reference everywhere.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from workbench.kernels.quant_gemv import MAX_TOKENS as QUANT_TOKENS, quant_gemv, tinygemm_pack
-from workbench.kernels.sparse_gemv import MAX_TOKENS as SPARSE_TOKENS, gather_gemv, sparse_gemv
-from workbench.kernels.topk import topk_select
+from workbench.kernels import gemv_sparse
+from workbench.kernels.quant_paths import MAX_TOKENS, QuantPaths, say_fallback
+from workbench.kernels.sparse_gemv import MAX_TOKENS as OLD_SPARSE_TOKENS, sparse_gemv
+from workbench.kernels.tuning import remembered, tuned
 from workbench.sparsity.rules import Cut
+
+PREMASKED = "premasked"  # sparsified and counted by the kernel that produced the input
+MASKED_HERE = "kernel-masked"  # sparsified by `mask_rows` for the first of several layers reading it
 
 
 def kernels_enabled() -> bool:
@@ -31,59 +41,135 @@ def kernels_enabled() -> bool:
 
 
 class LinearKernel:
-    """The chosen kernel for one layer, with the weight layout it needs (built once, on first use).
-    `cut` is the layer's sparsity as a typed `Cut` (or None: dense input)."""
+    """The paths for one weight (one layer's, or several layers' joined along the outputs) under one cut.
 
-    def __init__(self, layer, kind: str, cut: Cut | None, weight_t=None, scale=None):
-        self.layer, self.kind, self.cut = layer, kind, cut
-        self.weight_t, self.scale = weight_t, scale
-        store = layer.store
-        self.tinygemm = tinygemm_pack(store.tensors) if kind == "quant" and store.fmt.kernel_family == "int4" \
-            and store.compute_dtype == torch.bfloat16 else None
-        if cut is not None and cut.kind == "threshold":  # a calibrated constant cut
-            self.const_cut = torch.full((SPARSE_TOKENS,), cut.threshold, device=layer.base.weight.device)
+    `layers` are the WorkbenchLinears it serves (their counters, their shared input cache); `dense` the
+    model-dtype weight (N, K) for the masked-cuBLAS path, `tensors` the packed ones (int8/int4). Layouts
+    are built on first use, so planning a kernel that never runs costs no memory."""
 
+    def __init__(self, layers: list, cut: Cut | None, family: str, dense: torch.Tensor | None = None,
+                 tensors: dict | None = None, dtype: torch.dtype = torch.bfloat16):
+        self.layers, self.cut, self.family = layers, cut, family
+        self.dense, self.tensors, self.dtype = dense, tensors, dtype
+        self.kind = "quant" if cut is None else "sparse"
+        self._quant = self._sparse = None
+        # WORKBENCH_SPARSE_PATH=sparse|masked pins a sparse layer to one kind of path (tests, comparisons)
+        self.pinned = os.environ.get("WORKBENCH_SPARSE_PATH") if cut is not None else None
+        self.chosen: dict[int, str] = {}  # token count -> the path the tuner kept (bench reports it)
+
+    # ---- the paths ----------------------------------------------------------------------------------------------
+    @property
+    def quant(self) -> QuantPaths | None:
+        if self._quant is None and self.family in ("int8", "int4"):
+            self._quant = QuantPaths(self.tensors, self.family, self.dtype)
+        return self._quant
+
+    @property
+    def sparse_weight(self) -> dict | None:
+        """W^T (K, N) for the sparse GEMVs: bf16/fp16, or int8 q^T with row scales (fused sparse+int8)."""
+        if self._sparse is None and self.cut is not None:
+            if self.family == "dense":
+                self._sparse = gemv_sparse.pack(self.dense.detach())
+            elif self.family == "int8" and self.tensors["scale"].dim() == 1:
+                self._sparse = gemv_sparse.pack_int8(self.tensors)
+            else:
+                self._sparse = False
+        return self._sparse or None
+
+    def candidates(self, x: torch.Tensor) -> list[dict]:
+        m, n, k = x.shape[0], self.n, x.shape[1]
+        out = []
+        if self.cut is not None:
+            sw = self.sparse_weight
+            if sw is not None:
+                int8 = sw["wt"].dtype == torch.int8
+                out += [dict(path="sparse", **c) for c in gemv_sparse.candidates(m, n, k, int8, x.device)]
+                if m <= OLD_SPARSE_TOKENS:
+                    out.append(dict(path="sparse_v1"))
+            if self.family == "dense":
+                out.append(dict(path="masked_cublas"))
+        if self.quant is not None:
+            out.append(dict(path="quant"))  # QuantPaths tunes its own kernels for this token count
+        if self.pinned is not None:
+            out = [c for c in out if (c["path"] in ("quant", "masked_cublas")) == (self.pinned == "masked")] or out
+        return out
+
+    @property
+    def n(self) -> int:
+        if self.family == "dense":
+            return self.dense.shape[0]
+        return self.tensors["q"].shape[0]
+
+    def launch(self, x: torch.Tensor, cfg: dict) -> torch.Tensor:
+        path = cfg["path"]
+        if path == "quant":
+            return self.quant(x)
+        if path == "masked_cublas":
+            return F.linear(x, self.dense)
+        sw = self.sparse_weight
+        zero = self._zero(x)  # the input is masked already: keep exactly its non-zeros
+        if path == "sparse_v1":
+            return sparse_gemv(x, zero, sw["wt"], sw.get("scale"))
+        return gemv_sparse.launch(x, zero, sw, {k: v for k, v in cfg.items() if k != "path"})
+
+    def _zero(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "_zeros", None) is None or self._zeros.device != x.device:
+            self._zeros = torch.zeros(MAX_TOKENS, device=x.device, dtype=torch.float32)
+        return self._zeros[:x.shape[0]]
+
+    # ---- a call ---------------------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         rows = x.reshape(-1, x.shape[-1])
-        sparse = self.cut is not None and not (self.layer.dense_multi_token and x.shape[-2] > 1)
-        if rows.shape[0] > (SPARSE_TOKENS if self.kind == "sparse" else QUANT_TOKENS) or (
-                self.kind == "sparse" and not sparse):
-            return None  # prefill: the reference path (cuBLAS) is the right tool
-        layer = self.layer
-        if self.kind == "sparse":
-            sel = self._selection(rows, x)
-            counters = (layer.nonzero_seen, layer.entries_seen) if layer.track_stats else (None, None)
-            if sel is not None and rows.shape[0] == 1:  # one token: walk only the kept weight rows
-                bound = self.cut.keep if self.cut.kind == "topk" else rows.shape[1]  # the most it can keep
-                y = gather_gemv(rows, sel.idx, sel.count, bound, self.weight_t, self.scale, *counters)
-            else:
-                cut = sel.cut if sel is not None else self.const_cut[:rows.shape[0]]
-                y = sparse_gemv(rows, cut, self.weight_t, self.scale, *counters)
+        m = rows.shape[0]
+        first = self.layers[0]
+        sparse = self.cut is not None and not (first.dense_multi_token and x.shape[-2] > 1)
+        if m > MAX_TOKENS or (not sparse and self.quant is None):
+            return None  # prefill, or a dense bf16 input: the reference path's cuBLAS is the right tool
+        if sparse:
+            rows = self._masked(rows, x)
+        rows = rows if rows.is_contiguous() else rows.contiguous()
+        if not sparse:
+            y = self.quant(rows)
+            self.chosen[m] = self.quant.chosen.get(m, "quant")
         else:
-            if sparse:
-                rows = layer._sparsify(rows) if self.cut.kind == "threshold" else self._topk_rows(rows, x)
-            y = quant_gemv(rows, layer.store.tensors, tinygemm=self.tinygemm)
+            key = ("linear_kernel", self.family, self.cut.kind, self.n, rows.shape[1], self.dtype,
+                   self.quant.signature if self.quant is not None else None, self.pinned, m)
+            cfg = remembered(key) or tuned(key, self.candidates(rows), lambda c: self.launch(rows, c))
+            y = self.launch(rows, cfg)
+            self.chosen[m] = cfg["path"] if cfg["path"] != "quant" else self.quant.chosen.get(m, "quant")
         return y.reshape(*x.shape[:-1], -1)
 
-    def _selection(self, rows: torch.Tensor, x: torch.Tensor):
-        """The top-k Selection for this input (shared by q/k/v and gate/up, or handed over by a fused
-        norm/activation kernel of the decode step); None for a calibrated constant cut."""
-        cache, key = self.layer.input_cache, (self.cut, "selection")
-        if cache is not None and cache.matches(x, key):
-            return cache.output
-        if self.cut.kind == "threshold":
-            return None  # no fused kernel chose the inputs: the masked-row kernel applies the constant
-        sel = topk_select(rows, self.cut.keep)
+    def _masked(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The sparsified input, counted once per layer: as the fused kernel that produced `x` handed it
+        over, or masked here in one launch (`mask_rows`); a layer reading the same input after another
+        (q/k/v outside the fused step) reuses it from the shared input cache and counts its own."""
+        from workbench.kernels.decode_ops import mask_rows
+        cache = self.layers[0].input_cache
+        if cache is not None and cache.matches(x, (self.cut, PREMASKED)):
+            return rows
+        if cache is not None and cache.matches(x, (self.cut, MASKED_HERE)):
+            xs = cache.output
+            for layer in self.layers:
+                if layer.track_stats:
+                    layer.nonzero_seen += (xs != 0).sum()
+                    layer.entries_seen += xs.numel()
+            return xs
+        xs = mask_rows(rows, self.cut, [(l.nonzero_seen, l.entries_seen) for l in self.layers if l.track_stats])
         if cache is not None:
-            cache.store(x, key, sel, None)
-        return sel
+            cache.store(x, (self.cut, MASKED_HERE), xs, None)
+        return xs
 
-    def _topk_rows(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        kept = rows.abs() > self._selection(rows, x).cut[:, None]
-        if self.layer.track_stats:
-            self.layer.nonzero_seen += kept.sum()
-            self.layer.entries_seen += rows.numel()
-        return rows * kept
+    def describe(self) -> str:
+        """The candidate paths, and which one the tuner kept at each token count seen so far."""
+        paths = []
+        if self.cut is not None and (self.family == "dense" or (self.family == "int8" and self.tensors["scale"].dim() == 1)):
+            paths.append("gemv_sparse" + ("+int8" if self.family == "int8" else ""))
+        if self.cut is not None and self.family == "dense":
+            paths.append("masked_cublas")
+        if self.family in ("int8", "int4"):
+            paths.append(self._quant.describe() if self._quant is not None else f"{self.family} GEMVs")
+        chosen = " ".join(f"{m}:{p}" for m, p in sorted(self.chosen.items()))
+        return "|".join(paths) + (f" [{chosen}]" if chosen else "")
 
 
 def plan(layer) -> LinearKernel | None:
@@ -96,19 +182,21 @@ def plan(layer) -> LinearKernel | None:
     sparsifier, store = layer.sparsifier, layer.store
     cut = sparsifier.cut if sparsifier is not None else None
     if sparsifier is not None and cut is None:
-        return None  # a rule with no scalar cut (WINA's per-channel thresholds): the reference path
+        say_fallback(layer, "a sparsity rule with per-channel thresholds has no kernel")
+        return None
     family = "dense" if store is None else store.fmt.kernel_family
     if family == "dense":  # the model's weight, or a cast store (a merged LoRA's weight)
         w = layer.base.weight if store is None else store.tensors["q"]
-        if cut is None or w.dtype not in (torch.bfloat16, torch.float16):
+        if cut is None:
             return None  # dense bf16: cuBLAS is already at the bound
-        return LinearKernel(layer, "sparse", cut, w.detach().t().contiguous())
+        if w.dtype not in (torch.bfloat16, torch.float16):
+            say_fallback(layer, f"sparse kernels take bf16/fp16 weights, not {w.dtype}")
+            return None
+        return LinearKernel([layer], cut, "dense", dense=w, dtype=w.dtype)
     if store.compute_dtype not in (torch.bfloat16, torch.float16) or family not in ("int8", "int4"):
+        say_fallback(layer, f"format {store.fmt.name} with {store.compute_dtype} activations has no GPU kernel")
         return None
-    t = store.tensors
-    if family == "int8" and not store.spec.group_size and cut is not None:  # per-row scales: fused sparse+int8
-        return LinearKernel(layer, "sparse", cut, t["q"].t().contiguous(), t["scale"])
-    return LinearKernel(layer, "quant", cut)
+    return LinearKernel([layer], cut, family, tensors=store.tensors, dtype=store.compute_dtype)
 
 
 def kernel_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
@@ -122,11 +210,4 @@ def kernel_forward(layer, x: torch.Tensor) -> torch.Tensor | None:
 
 def describe(layer) -> str:
     k = layer.kernel if layer.kernel is not None else plan(layer)
-    if not k:
-        return "reference"
-    if k.kind == "quant":
-        return "quant_gemv" + ("|tinygemm" if k.tinygemm is not None else "")
-    return "sparse_gemv" + ("+int8" if k.scale is not None else "")
-
-
-Forward = Callable[[torch.Tensor], torch.Tensor]
+    return k.describe() if k else "reference"

@@ -1,6 +1,7 @@
 """The fused decode step on CUDA (bf16/fp16, Llama layout): Triton kernels for add+RMSNorm, RoPE with the
-cache write, SiLU*up and decode attention, q|k|v and gate|up stored as one matrix each, and the hand-off
-of a sparsity selection from the kernel that produces an input to the kernels that read it.
+cache write, SiLU*up and decode attention; q|k|v and gate|up multiplied as one matrix each (the model's
+weights, or the policy's packed ones joined); and a sparsity cut applied (and counted) inside the kernel
+that produces an input, so the projections that read it get it sparsified at no extra launch.
 """
 from __future__ import annotations
 
@@ -32,27 +33,36 @@ def fused_step(decoder, ids: torch.Tensor, positions: torch.Tensor, cache) -> to
     delta = None
     for i, layer in enumerate(decoder.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        x, h = _norm(x, delta, layer.input_layernorm, attn.q_proj)
-        q, k, v = _project(attn, ("q_proj", "k_proj", "v_proj"), h)
+        x, h = _norm(x, delta, layer.input_layernorm, _modules(attn, QKV))
+        q, k, v = _project(attn, QKV, h)
         q = q.view(s, decoder.heads, decoder.head_dim)
         k, v = k.view(s, decoder.kv_heads, decoder.head_dim), v.view(s, decoder.kv_heads, decoder.head_dim)
         q = rope_and_cache(q, k, v, cos, sin, pos, cache.keys[i], cache.values[i])
         out = block_sparse_attention(q, cache.keys[i], cache.values[i], blocks, seq_lens, ATTENTION_BLOCK,
                                      scale=attn.scaling)
-        x, h = _norm(x, attn.o_proj(out.view(s, 1, -1)), layer.post_attention_layernorm, mlp.gate_proj)
-        gate, up = _project(mlp, ("gate_proj", "up_proj"), h)
-        act, sel = silu_mul(gate, up, cut=_kernel_cut(mlp.down_proj))
-        _share_cut(mlp.down_proj, act, sel)
+        x, h = _norm(x, attn.o_proj(out.view(s, 1, -1)), layer.post_attention_layernorm, _modules(mlp, GATE_UP))
+        gate, up = _project(mlp, GATE_UP, h)
+        cut = _shared_cut([mlp.down_proj])
+        act = silu_mul(gate, up, cut=cut, counters=_counters([mlp.down_proj], cut))
+        _mark_premasked([mlp.down_proj], act, cut)
         delta = mlp.down_proj(act)
-    _, h = _norm(x, delta, decoder.norm, None)
+    _, h = _norm(x, delta, decoder.norm, [])
     return decoder.lm_head(h[:, -1]).float()
 
 
-def _norm(x, delta, norm, consumer):
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
+
+
+def _modules(parent: nn.Module, names: tuple[str, ...]) -> list[nn.Module]:
+    return [getattr(parent, n) for n in names]
+
+
+def _norm(x, delta, norm, consumers):
+    """add+RMSNorm, its output sparsified for `consumers` when they share one cut a kernel applies."""
     from workbench.kernels.decode_ops import add_rmsnorm
-    cut = _kernel_cut(consumer) if consumer is not None else None
-    x, h, sel = add_rmsnorm(x, delta, norm.weight, norm.variance_epsilon, cut)
-    _share_cut(consumer, h, sel)
+    cut = _shared_cut(consumers)
+    x, h = add_rmsnorm(x, delta, norm.weight, norm.variance_epsilon, cut, counters=_counters(consumers, cut))
+    _mark_premasked(consumers, h, cut)
     return x, h
 
 
@@ -102,28 +112,93 @@ def _concatenate(parent: nn.Module, names: tuple[str, ...]) -> None:
 
 
 def _project(parent: nn.Module, names: tuple[str, ...], h: torch.Tensor) -> list[torch.Tensor]:
-    """The projections `names` of `h`: one GEMV over the concatenated matrix while every module is still
-    the plain linear whose weight views it (a policy may have wrapped some since), else one call each."""
+    """The projections `names` of `h`: one multiply over the joined matrix where every module allows it
+    (the model's concatenated weight while they are plain linears; a joined kernel while they are
+    wrappers of one setting), else one call each."""
+    mods = _modules(parent, names)
+    sizes = [m.out_features for m in mods]
     concat = getattr(parent, "workbench_concat", None)
-    mods = [getattr(parent, n) for n in names]
     if concat is not None and concat[0] == names and all(type(m) is nn.Linear for m in mods):
-        joined = concat[1]
-        start = joined.data_ptr()
-        offsets = []
-        for m in mods:
-            offsets.append((m.weight.data_ptr() - start) // joined.element_size())
-        expected, pos = [], 0
-        for m in mods:
-            expected.append(pos * joined.shape[1])
-            pos += m.weight.shape[0]
-        if offsets == expected:
-            return list(F.linear(h, joined).split([m.weight.shape[0] for m in mods], dim=-1))
+        if _views_in_order(mods, concat[1]):
+            return list(F.linear(h, concat[1]).split(sizes, dim=-1))
+    joint = _joint_kernel(parent, names, mods)
+    if joint is not None:
+        y = joint(h)
+        if y is not None:
+            return list(y.split(sizes, dim=-1))
     return [m(h) for m in mods]
 
 
+def _views_in_order(mods, joined: torch.Tensor) -> bool:
+    """True when each module's weight is still its own rows of `joined`, in order (nothing re-bound it)."""
+    pos = 0
+    for m in mods:
+        if m.weight.data_ptr() != joined.data_ptr() + pos * joined.shape[1] * joined.element_size():
+            return False
+        pos += m.weight.shape[0]
+    return True
+
+
+def _joint_kernel(parent: nn.Module, names, mods):
+    """One `LinearKernel` over the joined weights of wrappers that share their input and setting, built
+    once per set of stores. Packed tensors are joined and each store's tensors become views of the
+    joined ones (no extra memory); the model's own weight joins through `workbench_concat`."""
+    from workbench.layers import WorkbenchLinear
+    if not all(type(m) is WorkbenchLinear for m in mods):  # a LoRA wrapper runs its own forward
+        return None
+    if any(m.bypass or m.base.bias is not None for m in mods) or len({str(m.setting) for m in mods}) != 1:
+        return None
+    from workbench.kernels.dispatch import LinearKernel, plan
+    for m in mods:
+        if m.kernel is None:
+            m.kernel = plan(m) or False
+    if any(m.kernel is False for m in mods):
+        return None
+    stores = [m.store for m in mods]
+    key = (names, tuple(map(id, mods)), tuple(map(id, stores)), tuple(m.kernel.cut for m in mods))
+    cached = getattr(parent, "workbench_joint", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    first = mods[0].kernel
+    if first.family == "dense":
+        concat = getattr(parent, "workbench_concat", None)
+        if concat is None or concat[0] != names or not _views_in_order([m.base for m in mods], concat[1]) \
+                or any(s is not None for s in stores):
+            return None
+        kernel = LinearKernel(mods, first.cut, "dense", dense=concat[1], dtype=first.dtype)
+    else:
+        from workbench.kernels.quant_paths import joined_tensors
+        joined = joined_tensors(stores)
+        start = 0
+        for st in stores:  # each store's tensors become its rows of the joined ones
+            rows = st.tensors["q"].shape[0]
+            for name, t in joined.items():
+                setattr(st, name, t[start:start + rows])
+            start += rows
+        for m in mods:
+            m.kernel = None  # their layouts came from the old tensors: rebuilt on next use
+            m.kernel = plan(m) or False
+        kernel = LinearKernel(mods, first.cut, first.family, tensors=joined, dtype=first.dtype)
+    parent.workbench_joint = (key, kernel)
+    return kernel
+
+
+def _shared_cut(consumers) -> Cut | None:
+    """The `Cut` every module of `consumers` applies to this input through a kernel, when they all apply
+    the same one (q/k/v, gate/up, down): the producing kernel then sparsifies and counts for them."""
+    if not consumers:
+        return None
+    cuts = {_kernel_cut(m) for m in consumers}
+    if len(cuts) != 1:
+        return None
+    cut = cuts.pop()
+    if cut is None or any(m.input_cache is None for m in consumers):
+        return None
+    return cut
+
+
 def _kernel_cut(module) -> Cut | None:
-    """The `Cut` of `module` when it runs a sparse kernel whose input selection a fused norm/activation
-    kernel can make for it; None otherwise."""
+    """The `Cut` of `module` when a kernel serves it (its input can come sparsified); None otherwise."""
     if not getattr(module, "is_workbench_linear", False) or module.bypass or module.sparsifier is None:
         return None
     cut = module.sparsifier.cut
@@ -135,7 +210,14 @@ def _kernel_cut(module) -> Cut | None:
     return cut if module.kernel else None
 
 
-def _share_cut(module, x: torch.Tensor, selection) -> None:
-    """Hand a fused kernel's selection to the layers that read `x` (q/k/v, gate/up share one cache)."""
-    if selection is not None and module.input_cache is not None:
-        module.input_cache.store(x, (module.sparsifier.cut, "selection"), selection, None)
+def _counters(consumers, cut) -> list:
+    if cut is None:
+        return []
+    return [(m.nonzero_seen, m.entries_seen) for m in consumers if m.track_stats]
+
+
+def _mark_premasked(consumers, x: torch.Tensor, cut) -> None:
+    """Tell the layers that read `x` it is sparsified and counted already (one shared input cache)."""
+    if cut is not None:
+        from workbench.kernels.dispatch import PREMASKED
+        consumers[0].input_cache.store(x, (cut, PREMASKED), x, None)

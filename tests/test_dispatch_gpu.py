@@ -1,0 +1,132 @@
+"""The decode dispatch (`kernels.dispatch`, `kernels.quant_paths`): every path it may choose computes the
+layer's exact math, the joined q|k|v / gate|up kernels equal the separate layers, and greedy decoding under
+a sparse policy is the same through the sparse kernels and through the masked dense path.
+
+Skipped without CUDA. Shapes not multiples of any block size (N = 1000, K = 576), token counts 1, 3, 8,
+17, 64. Tolerance: ||out - ref|| / ||ref|| < 1e-2 against the float64 product of the dequantized weight
+(bf16 output rounding is ~3e-3; every kernel accumulates in float32 over exact weight operands).
+"""
+import os
+
+import pytest
+import torch
+
+from workbench.sparsity.rules import Cut
+
+pytestmark = pytest.mark.gpu
+
+os.environ.setdefault("WORKBENCH_TUNE", "0")  # the first candidate of each path: deterministic, few compiles
+
+TOKENS = (1, 3, 8, 17, 64)
+N, K = 1000, 576
+TOL = 1e-2
+
+
+def _rel(got, want):
+    if not torch.isfinite(got).all():
+        return float("inf")  # unwritten or broken output: the caller's message names the path
+    return ((got.double() - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def _weight(seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(N, K, device="cuda", generator=g) * 0.05
+
+
+class _Layer:  # what a LinearKernel reads of its layers when the input comes premasked
+    input_cache = None
+    dense_multi_token = False
+
+
+def _each_path(kernel, x):
+    """One candidate config per distinct path (and implementation / kernel kind) the tuner could pick."""
+    seen = {}
+    for c in kernel.candidates(x):
+        seen.setdefault((c["path"], c.get("kind")), c)
+    return seen
+
+
+def _stored(fmt, w):
+    from workbench.formats.quant import dequantize_int4, quantize_int4, quantize_int8_channel
+    if fmt == "int8":
+        t = quantize_int8_channel(w)
+        return t, t["q"].double() * t["scale"].double()[:, None]
+    t = quantize_int4(w, 64)
+    return t, dequantize_int4(t).double()
+
+
+@pytest.mark.parametrize("m", TOKENS)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_every_quant_implementation_matches_the_reference(fmt, m):
+    from workbench.kernels.quant_paths import QuantPaths
+    t, w = _stored(fmt, _weight(m))
+    paths = QuantPaths(t, fmt, torch.bfloat16)
+    x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+    want = x.double() @ w.T
+    impls = {c["impl"]: c for c in paths.candidates(x)}
+    assert {"quant", "w8" if fmt == "int8" else "w4"} <= set(impls)
+    for impl, cfg in impls.items():
+        assert _rel(paths.launch(x, cfg), want) < TOL, cfg
+    assert _rel(paths(x), want) < TOL  # the tuner's pick
+
+
+@pytest.mark.parametrize("m", TOKENS)
+@pytest.mark.parametrize("fmt", ["dense", "int8", "int4"])
+def test_every_sparse_path_matches_the_masked_reference(fmt, m):
+    from workbench.kernels.dispatch import LinearKernel
+    w = _weight(m)
+    x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+    xm = torch.where(x.abs() > 0.67, x, 0)  # ~50% zeros, as the fused norm hands them over
+    if fmt == "dense":
+        kernel = LinearKernel([_Layer()], Cut("threshold", 0.67), "dense", dense=w.bfloat16())
+        ref_w = w.bfloat16().double()
+    else:
+        t, ref_w = _stored(fmt, w)
+        kernel = LinearKernel([_Layer()], Cut("threshold", 0.67), fmt, tensors=t)
+    want = xm.double() @ ref_w.T
+    paths = _each_path(kernel, xm)
+    if fmt != "int4":
+        assert any(p == "sparse" for p, _ in paths)  # the sparse GEMVs are candidates
+    for key, cfg in paths.items():
+        assert _rel(kernel.launch(xm, cfg), want) < TOL, cfg
+
+
+def test_joined_projections_equal_the_separate_layers():
+    from workbench.kernels.quant_paths import QuantPaths, joined_tensors
+    from workbench.formats.packed import WEIGHT_FORMATS
+    from workbench.policy import parse_precision
+    spec = parse_precision("int8")
+    stores = [WEIGHT_FORMATS.get(spec.format).quantize(_weight(i)[:n].bfloat16(), spec) for i, n in enumerate((512, 128, 128))]
+    joined = QuantPaths(joined_tensors(stores), "int8", torch.bfloat16)
+    x = torch.randn(3, K, device="cuda", dtype=torch.bfloat16)
+    parts = [QuantPaths(s.tensors, "int8", torch.bfloat16)(x) for s in stores]
+    assert _rel(joined(x), torch.cat(parts, dim=-1).double()) < TOL
+
+
+@pytest.mark.parametrize("precision", ["none", "int8"])
+def test_greedy_decode_is_the_same_through_sparse_kernels_and_the_masked_dense_path(precision, monkeypatch):
+    from workbench import Engine, Policy
+    from workbench.transforms import wrappers
+    prompts = ["The quick brown fox", "Sparse kernels for decoding", "abc"]
+    out = {}
+    for pin in ("sparse", "masked"):
+        monkeypatch.setenv("WORKBENCH_SPARSE_PATH", pin)
+        engine = Engine.from_pretrained("synthetic:smollm2-135m", device="cuda", dtype=torch.bfloat16,
+                                        policy=Policy.uniform(sparsity=0.5, rule="threshold", precision=precision))
+        out[pin] = engine.generate(prompts, max_new_tokens=24)
+        chosen = {p for _, w in wrappers(engine.model) if w.kernel for p in w.kernel.chosen.values()}
+        assert chosen and (("sparse" in chosen or "sparse_v1" in chosen) if pin == "sparse"
+                           else chosen <= {"masked_cublas", "w8", "quant", "gemlite"}), chosen
+    assert out["sparse"] == out["masked"]
+
+
+def test_a_format_without_a_kernel_falls_back_to_the_reference_and_says_so_once(caplog):
+    import logging
+    from workbench import Engine, Policy
+    engine = Engine.from_pretrained("synthetic:smollm2-135m", device="cuda", dtype=torch.bfloat16,
+                                    policy=Policy.uniform(precision="fp8"))
+    with caplog.at_level(logging.WARNING, logger="workbench.kernels.peers"):
+        text = engine.generate(["abc"], max_new_tokens=4)
+        engine.generate(["abc"], max_new_tokens=4)
+    lines = [r for r in caplog.records if "reference path" in r.getMessage()]
+    assert text and len(lines) == 1, [r.getMessage() for r in lines]
