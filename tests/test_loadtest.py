@@ -44,7 +44,21 @@ def test_the_cpu_benchmark_runs_every_mode_on_the_default_model(tmp_path, capsys
     assert set(result["ladder_kld"]) == {"dense", "topk50"} and result["ladder_kld"]["dense"] == 0.0
     assert result["ladder_kld"]["topk50"] > 0
     assert set(result["rows"][-1]["policies"]) <= {"dense", "topk50"}  # each response names its policy levels
-    assert result["continuous_vs_one_at_a_time"] > 0 and "elastic goodput gain" in capsys.readouterr().out
+    assert result["continuous_vs_one_at_a_time"] > 0
+    printed = capsys.readouterr().out
+    if result["rows"][-1]["decisions"]:  # a gain only where the controller moved
+        assert "elastic goodput gain" in printed and result["elastic_decisions"] > 0
+    else:
+        assert "no rung taken" in printed and result["elastic_goodput_gain"] is None
+
+
+def test_no_decision_reports_no_rung_instead_of_a_gain():
+    from workbench.loadtest import elastic_summary
+    fixed, elastic = {"goodput_rps": 1.0}, {"goodput_rps": 1.56, "decisions": []}
+    assert elastic_summary(fixed, elastic)["elastic_goodput_gain"] is None
+    assert "no rung taken" in elastic_summary(fixed, elastic)["elastic_note"]
+    moved = dict(elastic, decisions=[{"to": "topk50"}])
+    assert elastic_summary(fixed, moved) == {"elastic_goodput_gain": 1.56, "elastic_decisions": 1}
 
 
 @pytest.mark.parametrize("argv, message", [

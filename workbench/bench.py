@@ -148,6 +148,8 @@ def time_transformers(engine, prompt_tokens: int, new_tokens: int) -> float:
 
 
 def kernel_census(engine) -> dict:
+    """How many layers each kernel description serves (its candidate paths and the tuner's pick at each
+    batch size run so far); joined q|k|v and gate|up kernels of the fused step count as `joined ...`."""
     if engine.device.type != "cuda":
         return {}
     from workbench.kernels.dispatch import describe
@@ -155,6 +157,11 @@ def kernel_census(engine) -> dict:
     for _, w in wrappers(engine.model):
         name = describe(w)
         out[name] = out.get(name, 0) + 1
+    for module in engine.model.modules():
+        joint = getattr(module, "workbench_joint", None)
+        if joint is not None:
+            name = "joined " + joint[1].describe()
+            out[name] = out.get(name, 0) + 1
     return out
 
 
@@ -206,6 +213,9 @@ def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_toke
                 f"roofline {row.roofline_ms:6.2f} ms" + (f"  graph {graph_ms:6.2f} ms" if graph_ms else "")
                 + (f"  kernels {row.profile['kernel_us'] / 1e3:6.2f} ms + gaps {row.profile['gaps_us'] / 1e3:5.2f} ms"
                    if row.profile and "error" not in row.profile else ""))
+            fallback = row.kernels.get("reference", 0)
+            if fallback:  # said once per policy: these layers decode through the exact reference path
+                say(f"{name:>14} batch {batch}: {fallback} layer(s) have no GPU kernel and keep the reference path")
         engine.invalidate()  # frees the runner's cache before the next policy
     _summarise(result)
     return result

@@ -329,6 +329,8 @@ def cmd_loadtest(args) -> int:
         for key in ("continuous_vs_one_at_a_time", "continuous_vs_transformers", "elastic_goodput_gain"):
             if result.get(key) is not None:
                 print(f"{key.replace('_', ' ')}: {result[key]:.2f}x")
+        if result.get("elastic_note"):
+            print(f"elastic: {result['elastic_note']}")
         for name, kld in result["ladder_kld"].items():
             print(f"KLD of {name}: {kld:.4f}")
     return 0

@@ -251,6 +251,16 @@ def run_loadtest(engine, requests: int = 16, rates=(math.inf,), prompt_tokens: i
         result["continuous_vs_transformers"] = (by_mode["continuous"]["output_tokens_per_s"]
                                                 / by_mode["transformers"]["output_tokens_per_s"])
     if overload_rows:
-        fixed = overload_rows["fixed"]["goodput_rps"]
-        result["elastic_goodput_gain"] = overload_rows["elastic"]["goodput_rps"] / fixed if fixed else None
+        result.update(elastic_summary(overload_rows["fixed"], overload_rows["elastic"]))
     return result
+
+
+def elastic_summary(fixed: dict, elastic: dict) -> dict:
+    """The elastic controller against the fixed policy under the same overload. A gain is a gain only if
+    the controller moved: with no decision both runs served the same policy, and their ratio is noise."""
+    if not elastic.get("decisions"):
+        return {"elastic_goodput_gain": None,
+                "elastic_note": "no rung taken: the controller made no decision, so fixed and elastic served "
+                                "the same policy (their goodput differs by noise only)"}
+    gain = elastic["goodput_rps"] / fixed["goodput_rps"] if fixed["goodput_rps"] else None
+    return {"elastic_goodput_gain": gain, "elastic_decisions": len(elastic["decisions"])}
