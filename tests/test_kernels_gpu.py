@@ -53,6 +53,28 @@ def test_all_blocks_equal_dense_attention(cache):
         assert torch.allclose(got[i:i + 1].float(), dense.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("capacity", [256, 4096])
+def test_dense_decode_attention_reads_each_sequence_s_own_blocks(cache, capacity):
+    """Dense decode attention (no block list) over a cache of `capacity` positions: one split and no
+    merge kernel for a short cache, eight splits over each sequence's own blocks for a long one."""
+    from workbench.kernels.sparse_decode import dense_decode_attention, dense_splits
+    assert dense_splits(capacity, 64) == (1 if capacity == 256 else 8)
+    keys, values = cache["keys"][:, :, :capacity].contiguous(), cache["values"][:, :, :capacity].contiguous()
+    lens = cache["seq_lens"].clamp(max=capacity)
+    end = -(-int(lens[2]) // 64) * 64  # past the last block of the 130-token sequence: never read
+    keys[2, :, end:], values[2, :, end:] = float("nan"), float("nan")
+    got = dense_decode_attention(cache["q"], keys, values, lens, 64)
+    for i, n in enumerate(lens.tolist()):
+        q = cache["q"][i:i + 1, :, None]
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q, keys[i:i + 1, :, :n], values[i:i + 1, :, :n], enable_gqa=True)[:, :, 0]
+        assert torch.allclose(got[i:i + 1].float(), want.float(), rtol=2e-2, atol=2e-2)
+    nz, seen = torch.zeros((), dtype=torch.int64, device="cuda"), torch.zeros((), dtype=torch.int64, device="cuda")
+    cut = dense_decode_attention(cache["q"], keys, values, lens, 64, threshold=0.01, counters=(nz, seen))
+    assert torch.equal(cut, torch.where(got.float().abs() > 0.01, got, 0))  # o's cut, applied as it is written
+    assert int(nz) == int((cut != 0).sum()) and int(seen) == cut.numel()
+
+
 def _close(got, want, tol=2e-2):
     """bf16/fp16 outputs against a float32 reference, relative to the output's scale."""
     err = (got.float() - want).abs().max().item()

@@ -56,6 +56,7 @@ class LinearKernel:
         # WORKBENCH_SPARSE_PATH=sparse|masked pins a sparse layer to one kind of path (tests, comparisons)
         self.pinned = os.environ.get("WORKBENCH_SPARSE_PATH") if cut is not None else None
         self.chosen: dict[int, str] = {}  # token count -> the path the tuner kept (bench reports it)
+        self.joined = False  # True while the fused step serves this layer through a joined kernel
 
     # ---- the paths ----------------------------------------------------------------------------------------------
     @property
@@ -168,6 +169,8 @@ class LinearKernel:
             paths.append("masked_cublas")
         if self.family in ("int8", "int4"):
             paths.append(self._quant.describe() if self._quant is not None else f"{self.family} GEMVs")
+        if self.joined and not self.chosen:
+            return "in a joined kernel"
         chosen = " ".join(f"{m}:{p}" for m, p in sorted(self.chosen.items()))
         return "|".join(paths) + (f" [{chosen}]" if chosen else "")
 

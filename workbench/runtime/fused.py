@@ -22,14 +22,13 @@ def fused_step(decoder, ids: torch.Tensor, positions: torch.Tensor, cache) -> to
     """The decode step with fused kernels: add+RMSNorm (with the next projections' sparsity cut),
     RoPE+cache write, decode attention over the slot cache, SiLU*up (with the down cut); logits (S, V)."""
     from workbench.kernels.decode_ops import rope_and_cache, silu_mul
-    from workbench.kernels.sparse_decode import block_sparse_attention
+    from workbench.kernels.sparse_decode import dense_decode_attention
     s = ids.shape[0]
     x = decoder.embed(ids[:, None])  # (S, 1, D)
     cos, sin = decoder.rotary(x, positions)
     cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # (S, Dh)
     pos = positions[:, 0]
     seq_lens = (pos + 1).to(torch.int32)
-    blocks = _all_blocks(decoder, cache, s, x.device)
     delta = None
     for i, layer in enumerate(decoder.layers):
         attn, mlp = layer.self_attn, layer.mlp
@@ -38,9 +37,14 @@ def fused_step(decoder, ids: torch.Tensor, positions: torch.Tensor, cache) -> to
         q = q.view(s, decoder.heads, decoder.head_dim)
         k, v = k.view(s, decoder.kv_heads, decoder.head_dim), v.view(s, decoder.kv_heads, decoder.head_dim)
         q = rope_and_cache(q, k, v, cos, sin, pos, cache.keys[i], cache.values[i])
-        out = block_sparse_attention(q, cache.keys[i], cache.values[i], blocks, seq_lens, ATTENTION_BLOCK,
-                                     scale=attn.scaling)
-        x, h = _norm(x, attn.o_proj(out.view(s, 1, -1)), layer.post_attention_layernorm, _modules(mlp, GATE_UP))
+        cut = _shared_cut([attn.o_proj])
+        cut = cut if cut is not None and cut.kind == "threshold" else None  # a top-k needs the whole row
+        counters = _counters([attn.o_proj], cut)
+        out = dense_decode_attention(q, cache.keys[i], cache.values[i], seq_lens, ATTENTION_BLOCK, scale=attn.scaling,
+                                     threshold=cut.threshold if cut else None,
+                                     counters=counters[0] if counters else None).view(s, 1, -1)
+        _mark_premasked([attn.o_proj], out, cut)
+        x, h = _norm(x, attn.o_proj(out), layer.post_attention_layernorm, _modules(mlp, GATE_UP))
         gate, up = _project(mlp, GATE_UP, h)
         cut = _shared_cut([mlp.down_proj])
         act = silu_mul(gate, up, cut=cut, counters=_counters([mlp.down_proj], cut))
@@ -64,17 +68,6 @@ def _norm(x, delta, norm, consumers):
     x, h = add_rmsnorm(x, delta, norm.weight, norm.variance_epsilon, cut, counters=_counters(consumers, cut))
     _mark_premasked(consumers, h, cut)
     return x, h
-
-
-def _all_blocks(decoder, cache, s: int, device) -> torch.Tensor:
-    """Every key block of the cache for every slot (dense attention through the block kernel), kept on
-    the decoder so a captured graph reads the same tensor."""
-    key = (cache.capacity, s)
-    if getattr(decoder, "_blocks_key", None) != key:
-        n = cache.capacity // ATTENTION_BLOCK
-        decoder._blocks = torch.arange(n, device=device, dtype=torch.int32).expand(s, n).contiguous()
-        decoder._blocks_key = key
-    return decoder._blocks
 
 
 def fused_reason(model: nn.Module) -> str | None:
@@ -179,6 +172,8 @@ def _joint_kernel(parent: nn.Module, names, mods):
             m.kernel = None  # their layouts came from the old tensors: rebuilt on next use
             m.kernel = plan(m) or False
         kernel = LinearKernel(mods, first.cut, first.family, tensors=joined, dtype=first.dtype)
+    for m in mods:
+        m.kernel.joined = True  # the fused step multiplies it through `kernel`: bench counts it there
     parent.workbench_joint = (key, kernel)
     return kernel
 
