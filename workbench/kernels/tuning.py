@@ -2,9 +2,14 @@
 
 Why not `triton.autotune`: a candidate here is a whole launch (a split-K config includes zeroing the
 float32 buffer and the final cast), and the timing must cover that, not the kernel alone.
+
+With WORKBENCH_TUNING_CACHE=path.json the choices persist across processes (keyed by the GPU's name,
+Triton's version and the problem), so a long benchmark can be resumed or re-run without timing every
+candidate again (compiling them dominates a fresh machine's start).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Callable, Hashable, Sequence
@@ -25,6 +30,10 @@ def tuned(key: Hashable, candidates: Sequence[dict], launch: Callable[[dict], ob
     """
     if key in _BEST:
         return _BEST[key]
+    saved = _disk().get(_disk_key(key)) if _disk_path() else None
+    if saved is not None and saved in candidates:
+        _BEST[key] = saved
+        return saved
     if (len(candidates) == 1 or os.environ.get("WORKBENCH_TUNE", "1") == "0" or not torch.cuda.is_available()
             or torch.cuda.is_current_stream_capturing()):
         _BEST[key] = candidates[0]
@@ -44,7 +53,56 @@ def tuned(key: Hashable, candidates: Sequence[dict], launch: Callable[[dict], ob
     if best is None:
         raise RuntimeError(f"no launch config works for {key}: {failed[0]}")
     _BEST[key] = best
+    _remember_on_disk(key, best)
     return best
+
+
+# ---- the optional on-disk cache ----------------------------------------------------------------------------------
+_DISK: dict | None = None
+
+
+def _disk_path() -> str | None:
+    return os.environ.get("WORKBENCH_TUNING_CACHE") or None
+
+
+def _disk() -> dict:
+    global _DISK
+    if _DISK is None:
+        _DISK = {}
+        path = _disk_path()
+        if path and os.path.exists(path):
+            try:
+                with open(path) as f:
+                    _DISK = json.load(f)
+            except (OSError, ValueError):
+                log.warning("tuning cache %s is unreadable; tuning afresh", path)
+    return _DISK
+
+
+def _disk_key(key: Hashable) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        triton = version("triton")
+    except PackageNotFoundError:
+        triton = "none"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return f"{device} | triton {triton} | {key!r}"
+
+
+def _remember_on_disk(key: Hashable, cfg: dict) -> None:
+    path = _disk_path()
+    if not path:
+        return
+    entries = _disk()
+    entries[_disk_key(key)] = cfg
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(entries, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)  # whole or not at all: a run cut short keeps what it had tuned
+    except (OSError, TypeError) as e:
+        log.warning("tuning cache %s not written: %s", path, e)
 
 
 def _graph_time(fn: Callable[[], object], reps: int) -> float:
