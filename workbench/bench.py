@@ -155,12 +155,12 @@ def kernel_census(engine) -> dict:
     from workbench.kernels.dispatch import describe
     out: dict[str, int] = {}
     for _, w in wrappers(engine.model):
-        name = describe(w)
+        name = f"{w.role or 'linear'}: {describe(w)}"
         out[name] = out.get(name, 0) + 1
     for module in engine.model.modules():
         joint = getattr(module, "workbench_joint", None)
         if joint is not None:
-            name = "joined " + joint[1].describe()
+            name = "|".join(layer.role or "linear" for layer in joint[1].layers) + " joined: " + joint[1].describe()
             out[name] = out.get(name, 0) + 1
     return out
 
@@ -213,7 +213,7 @@ def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_toke
                 f"roofline {row.roofline_ms:6.2f} ms" + (f"  graph {graph_ms:6.2f} ms" if graph_ms else "")
                 + (f"  kernels {row.profile['kernel_us'] / 1e3:6.2f} ms + gaps {row.profile['gaps_us'] / 1e3:5.2f} ms"
                    if row.profile and "error" not in row.profile else ""))
-            fallback = row.kernels.get("reference", 0)
+            fallback = sum(n for name, n in row.kernels.items() if name.endswith(": reference"))
             if fallback:  # said once per policy: these layers decode through the exact reference path
                 say(f"{name:>14} batch {batch}: {fallback} layer(s) have no GPU kernel and keep the reference path")
         engine.invalidate()  # frees the runner's cache before the next policy
