@@ -9,6 +9,7 @@ Kept light on purpose: no plotly, ipywidgets, peft or server imports here.
 # importing the method modules fills the policy registries, so any policy validates as soon as
 # `workbench` is imported
 from workbench.attention import selectors as _selectors  # noqa: F401
+from workbench.formats import calibrated as _calibrated  # noqa: F401
 from workbench.formats import packed as _packed  # noqa: F401
 from workbench.sparsity import rules as _rules  # noqa: F401
 from workbench.engine import Engine

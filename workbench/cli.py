@@ -26,8 +26,15 @@ def _policy_from_args(args):
             raise InputError("--precision auto needs --budget-bits B (bits per weight)")
         if args.budget_bits is not None and args.precision != "auto":
             raise InputError("--budget-bits goes with --precision auto")
-        policy = Policy.uniform(sparsity=args.sparsity, rule=args.sparsity_rule,
-                                precision="none" if args.precision == "auto" else args.precision,
+        precision = "none" if args.precision == "auto" else args.precision
+        from workbench.policy import QUANT_METHODS
+        if args.quant_method is not None and args.quant_method not in QUANT_METHODS:
+            raise InputError(f"--quant-method takes one of {', '.join(QUANT_METHODS)}, got {args.quant_method!r}")
+        if args.quant_method not in (None, "rtn"):
+            if precision == "none":
+                raise InputError(f"--quant-method {args.quant_method} needs a --precision to round to")
+            precision = f"{precision}-{args.quant_method}"
+        policy = Policy.uniform(sparsity=args.sparsity, rule=args.sparsity_rule, precision=precision,
                                 attention=args.attention, head=args.head_precision)
     if args.calibration:
         if not Path(args.calibration).is_file():

@@ -154,8 +154,9 @@ class Engine:
                 self.calibration = calibration
             self._ensure_calibration(policy)
             self.released.restore(self.model, self.loaded.name, self.loaded.source)
+            hessians = self._hessians_for(policy)
             self.invalidate()
-            apply_policy(self.model, policy, self.calibration, self.store_cache)
+            apply_policy(self.model, policy, self.calibration, self.store_cache, hessians=hessians)
             self.policy = policy
             self.reset_stats()
             if not self.keep_reference:
@@ -175,6 +176,18 @@ class Engine:
                                   "run `workbench calibrate --greedy`")
         elif need and (self.calibration is None or (need_greedy and not self.calibration.has_greedy)):
             self.calibration = cached_calibration(self, greedy=need_greedy)
+
+    def _hessians_for(self, policy: Policy) -> dict | None:
+        """Calibration Hessians for the layers whose method needs them and that are not packed already
+        (a policy seen before reuses its packed weights: no second calibration)."""
+        from workbench.formats.calibrated import needs_hessians, pending_calibrated
+        if not needs_hessians(policy):
+            return None
+        fqns = pending_calibrated(self.model, policy, self.store_cache)
+        if not fqns:
+            return {}
+        from workbench.formats.hessians import collect_hessians
+        return collect_hessians(self, fqns)
 
     def reset_stats(self) -> None:
         """Start measuring achieved sparsity and attention recall afresh."""

@@ -10,6 +10,7 @@ wrapper does not subclass nn.Linear: a packed weight is not a `.weight` that oth
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workbench.formats.quant import sqnr_db
-from workbench.policy import SPARSITY_RULES, WEIGHT_FORMATS, Setting
+from workbench.policy import QUANT_METHODS, SPARSITY_RULES, WEIGHT_FORMATS, Setting
 
 
 def check_setting(base: nn.Module, setting: Setting, fqn: str, embedding: bool = False) -> None:
@@ -162,11 +163,15 @@ class WorkbenchLinear(nn.Module):
         if self.store is None:  # a cast store holds the merged weight; `base` stays the reference
             dtype = self.base.weight.dtype
             fmt = WEIGHT_FORMATS.get({torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype])
+            spec = None
         else:
-            fmt = WEIGHT_FORMATS.get(self.setting.weights.format)
-        self.store = fmt.quantize(exact.to(self.base.weight.dtype), self.setting.weights)
+            fmt, spec = WEIGHT_FORMATS.get(self.setting.weights.format), self.setting.weights
+            if QUANT_METHODS.get(spec.method).needs_hessian:  # no calibration inputs here: the merge rounds
+                spec = dataclasses.replace(spec, method="rtn")  # to nearest, and says so in its report
+        self.store = fmt.quantize(exact.to(self.base.weight.dtype), spec if spec is not None else self.setting.weights)
         approx = self.store.dequantize()
-        return {"sqnr_db": sqnr_db(exact, approx), "max_abs_error": (exact - approx).abs().max().item()}
+        return {"sqnr_db": sqnr_db(exact, approx), "max_abs_error": (exact - approx).abs().max().item(),
+                "method": spec.method if spec is not None else "cast"}
 
     def extra_repr(self) -> str:
         return f"{self.fqn or 'linear'}: in={self.in_features}, out={self.out_features}, setting={self.setting}"

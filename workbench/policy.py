@@ -33,6 +33,7 @@ POLICY_VERSION = 1
 SPARSITY_RULES: Registry = Registry("sparsity rule")
 WEIGHT_FORMATS: Registry = Registry("weight format")
 ATTENTION_SELECTORS: Registry = Registry("attention selector")
+QUANT_METHODS: Registry = Registry("quantization method")  # how a weight format's values are chosen
 
 # Roles the default setting applies to. Others (lm_head, router, indexer) change only when a rule names them.
 BLOCK_ROLES = frozenset({"q", "k", "v", "o", "gate", "up", "down", "q_a", "q_b", "kv_a", "kv_b"})
@@ -76,6 +77,7 @@ class Weights:
     format: str = "none"
     group_size: int | None = None
     symmetric: bool = True
+    method: str = "rtn"  # how the weights are rounded: QUANT_METHODS (rtn: nearest; gptq: calibrated)
 
     def __post_init__(self):
         entry = WEIGHT_FORMATS.get(self.format)
@@ -83,6 +85,7 @@ class Weights:
                                             or self.group_size <= 0):
             raise PolicyError(f"weights.group_size must be a positive integer, got {self.group_size!r}")
         _validate_entry(entry, self)
+        _validate_entry(QUANT_METHODS.get(self.method), self)
 
     @property
     def is_identity(self) -> bool:
@@ -92,7 +95,8 @@ class Weights:
     def label(self) -> str:
         """Short name as the CLI spells it: ``int4-g64``, ``int8-block64``, ``none``."""
         entry = WEIGHT_FORMATS.get(self.format)
-        return entry.label(self) if hasattr(entry, "label") else self.format
+        label = entry.label(self) if hasattr(entry, "label") else self.format
+        return label if self.method == "rtn" else f"{label}-{self.method}"
 
 
 @dataclass(frozen=True)
@@ -423,17 +427,20 @@ def parse_precision(text: str) -> Weights:
     if not isinstance(text, str) or not text:
         raise PolicyError(f"precision must be a format name, got {text!r}")
     parts = text.split("-")
-    name, group, symmetric = parts[0], None, True
+    name, group, symmetric, method = parts[0], None, True, "rtn"
     for part in parts[1:]:
         m = re.fullmatch(r"(g|block)(\d+)", part)
         if m:
             group = int(m.group(2))
         elif part == "asym":
             symmetric = False
+        elif part in QUANT_METHODS:
+            method = part
         else:
-            raise PolicyError(f"cannot parse precision {text!r}: expected NAME[-gN|-blockN][-asym], "
-                              f"NAME one of {', '.join(WEIGHT_FORMATS.names())}")
-    return Weights(format=name, group_size=group, symmetric=symmetric)
+            raise PolicyError(f"cannot parse precision {text!r}: expected NAME[-gN|-blockN][-asym][-METHOD], "
+                              f"NAME one of {', '.join(WEIGHT_FORMATS.names())}, METHOD one of "
+                              f"{', '.join(QUANT_METHODS)}")
+    return Weights(format=name, group_size=group, symmetric=symmetric, method=method)
 
 
 def parse_attention(text: str) -> Attention:

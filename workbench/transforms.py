@@ -23,7 +23,7 @@ from torch import nn
 from workbench.attention.install import dense_attention, set_layer_selectors
 from workbench.errors import PolicyError
 from workbench.layers import SharedInputCache, WorkbenchEmbedding, WorkbenchLinear, check_setting
-from workbench.policy import WEIGHT_FORMATS, Policy, Setting
+from workbench.policy import QUANT_METHODS, WEIGHT_FORMATS, Policy, Setting
 from workbench.roles import attention_modules, embedding_modules, linear_modules
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,12 @@ def plan(model: nn.Module, policy: Policy) -> list[PlannedModule]:
         if setting.weights.is_identity:
             planned.append(PlannedModule(fqn, "embed", setting))
             continue
-        planned.append(_fitted(_base(module), fqn, "embed", setting, model_wide))
+        step = _fitted(_base(module), fqn, "embed", setting, model_wide)
+        if QUANT_METHODS.get(step.setting.weights.method).needs_hessian:  # a lookup has no inputs to weigh
+            rtn = dataclasses.replace(step.setting, weights=dataclasses.replace(step.setting.weights, method="rtn"))
+            step = PlannedModule(fqn, "embed", rtn, f"{step.setting.weights.label} -> {rtn.weights.label} "
+                                                    "(an embedding table has no inputs to calibrate on)")
+        planned.append(step)
     _check_attention(model, policy)
     return planned
 
@@ -88,11 +93,12 @@ def _check_attention(model: nn.Module, policy: Policy) -> None:
 
 
 def apply_policy(model: nn.Module, policy: Policy, calibration: Any = None,
-                 store_cache: dict | None = None) -> nn.Module:
+                 store_cache: dict | None = None, hessians: dict | None = None) -> nn.Module:
     """Apply `policy` in place and return the model.
 
     `store_cache` (a dict the caller keeps) remembers packed weights by (original weight, format), so
     switching back to a format seen before costs no requantization (what a live slider needs).
+    `hessians` ({fqn: (H, tokens)}, `formats.hessians`) serve the layers of a calibrated method (gptq).
 
     >>> from workbench.models import load
     >>> model = load("synthetic:tiny-llama").model
@@ -105,7 +111,8 @@ def apply_policy(model: nn.Module, policy: Policy, calibration: Any = None,
     swaps = []  # build every wrapper first: a failure part-way leaves the model untouched
     for step in sorted(steps, key=lambda s: s.role != "embed"):
         module = model.get_submodule(step.fqn)
-        swaps.append((step.fqn, module, _replacement(module, step, _calibration_for(calibration, step.fqn), stores)))
+        swaps.append((step.fqn, module, _replacement(module, step, _calibration_for(calibration, step.fqn), stores,
+                                                     (hessians or {}).get(step.fqn))))
     for fqn, module, replacement in swaps:
         if replacement is not module:
             model.set_submodule(fqn, replacement)
@@ -122,7 +129,7 @@ def apply_policy(model: nn.Module, policy: Policy, calibration: Any = None,
     return model
 
 
-def _replacement(module: nn.Module, step: PlannedModule, cal: Any, stores: dict) -> nn.Module:
+def _replacement(module: nn.Module, step: PlannedModule, cal: Any, stores: dict, hessian=None) -> nn.Module:
     """The module `step` asks for: the original, the current wrapper (unchanged setting), or a new one."""
     base = _base(module)
     identity = step.setting.weights.is_identity if step.role == "embed" else step.setting.linear_is_identity
@@ -132,6 +139,9 @@ def _replacement(module: nn.Module, step: PlannedModule, cal: Any, stores: dict)
         return module
     key = (base.weight.data_ptr(), step.setting.weights)
     shared = stores.get(key) if not step.setting.weights.is_identity else None
+    method = QUANT_METHODS.get(step.setting.weights.method)
+    if shared is None and method.needs_hessian and step.role != "embed":
+        shared = method.quantize(base.weight, step.setting.weights, (hessian or (None,))[0], name=step.fqn)
     if step.role == "embed":
         wrapper = WorkbenchEmbedding(base, step.setting, step.fqn, store=shared)
     else:
@@ -185,6 +195,9 @@ def bypassed(model: nn.Module):
 
 def _base(module: nn.Module) -> nn.Module:
     return module.base if _is_wrapper(module) else module
+
+
+base_of = _base  # the original module behind a wrapper (or the module itself)
 
 
 def _calibration_for(calibration: Any, fqn: str) -> Any:

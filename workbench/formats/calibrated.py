@@ -1,0 +1,65 @@
+"""Quantization methods: how a weight format's values are chosen (registered in `QUANT_METHODS`).
+
+    rtn   round to nearest, with the format's own scale search (no data)
+    gptq  GPTQ under the Hessian of the layer's calibration inputs (`formats.gptq`, `formats.hessians`)
+
+A method produces the format's ordinary packed tensors, so kernels, byte accounting, LoRA merging and the
+reference dequantization are the same for every method. The policy names it with the precision:
+``int4-g64-gptq`` (CLI: ``--precision int4-g64 --quant-method gptq``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workbench.errors import PolicyError
+from workbench.policy import QUANT_METHODS, WEIGHT_FORMATS, Weights
+
+
+@dataclass(frozen=True)
+class QuantMethod:
+    name: str
+    needs_hessian: bool
+    doc: str
+
+    def validate(self, spec: Weights) -> None:
+        if not self.needs_hessian:
+            return
+        if not (spec.format == "int4" or (spec.format == "int8" and not spec.group_size)):
+            raise PolicyError(f"{self.name} serves int4 groups and per-row int8, not {spec.format}"
+                              + (f" with blocks of {spec.group_size}" if spec.group_size else ""))
+
+    def quantize(self, w, spec: Weights, hessian=None, name: str = "a layer"):
+        """The packed weight of `w` under `spec` (a `PackedWeight`)."""
+        fmt = WEIGHT_FORMATS.get(spec.format)
+        if not self.needs_hessian:
+            return fmt.quantize(w, spec)
+        if hessian is None:
+            raise PolicyError(f"{name}: {self.name} needs calibration inputs (a Hessian) and got none")
+        from workbench.formats.gptq import gptq_quantize
+        from workbench.formats.packed import PackedWeight
+        tensors = gptq_quantize(w.detach().float().cpu(), hessian, spec, name=name)
+        tensors = {k: v.to(w.device) for k, v in tensors.items()}
+        return PackedWeight(fmt, spec, tuple(w.shape), tensors, w.dtype)
+
+
+def needs_hessians(policy) -> bool:
+    settings = [policy.default] + [r.setting for r in policy.rules]
+    return any(QUANT_METHODS.get(s.weights.method).needs_hessian for s in settings)
+
+
+def pending_calibrated(model, policy, store_cache: dict | None) -> list[str]:
+    """The linear layers `policy` quantizes with a calibrated method whose packed weight is not in
+    `store_cache` yet (what a Hessian must be collected for)."""
+    from workbench.transforms import base_of, plan
+    out = []
+    for step in plan(model, policy):
+        if step.role == "embed" or not QUANT_METHODS.get(step.setting.weights.method).needs_hessian:
+            continue
+        base = base_of(model.get_submodule(step.fqn))
+        if (store_cache or {}).get((base.weight.data_ptr(), step.setting.weights)) is None:
+            out.append(step.fqn)
+    return out
+
+
+QUANT_METHODS.register("rtn", QuantMethod("rtn", False, "round to nearest (the format's scale search)"))
+QUANT_METHODS.register("gptq", QuantMethod("gptq", True, "GPTQ: error feedback under the calibration Hessian"))
