@@ -112,3 +112,13 @@ def test_merging_an_update_into_a_gptq_layer_rounds_to_nearest_and_says_so():
     layer = engine.model.get_submodule("model.layers.0.mlp.down_proj")
     report = layer.merge_delta(torch.zeros(layer.out_features, layer.in_features))
     assert report["method"] == "rtn" and layer.store.spec.method == "rtn"  # no Hessian at merge time
+
+
+def test_a_layer_that_falls_back_to_a_smaller_group_keeps_its_method():
+    from workbench.transforms import plan
+    engine = Engine.from_pretrained("synthetic:tiny-llama")
+    width = engine.model.get_submodule("model.layers.0.mlp.down_proj").in_features
+    group = next(g for g in (256, 128, 64) if width % g)  # a group this layer cannot take
+    labels = {s.setting.weights.label for s in plan(engine.model, Policy.uniform(precision=f"int4-g{group}-gptq"))
+              if s.fallback}
+    assert labels and all(label.endswith("-gptq") for label in labels), labels

@@ -75,6 +75,11 @@ def _fitted(base: nn.Module, fqn: str, role: str | None, setting: Setting, model
         fit = entry.fallback(setting.weights, tuple(base.weight.shape), embedding) if model_wide else None
         if fit is None:
             raise
+        if fit.format == setting.weights.format or fit.format in ("int4", "int8"):
+            try:  # the nearest format keeps the rounding method where it can (int4-g128-gptq -> int4-g64-gptq)
+                fit = dataclasses.replace(fit, method=setting.weights.method)
+            except PolicyError:
+                pass
         fitted = dataclasses.replace(setting, weights=fit)
         check_setting(base, fitted, fqn, embedding)
         reason = str(refusal).split(": ", 1)[-1]

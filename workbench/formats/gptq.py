@@ -29,8 +29,14 @@ BLOCK = 128
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec, damp: float = 0.01, act_order: bool = True,
-                  name: str = "a layer") -> dict[str, torch.Tensor]:
-    """The format tensors of `w` (N, K) quantized by GPTQ under `hessian` (K, K) = sum of x x^T."""
+                  static_groups: bool = True, name: str = "a layer") -> dict[str, torch.Tensor]:
+    """The format tensors of `w` (N, K) quantized by GPTQ under `hessian` (K, K) = sum of x x^T.
+
+    `static_groups=False` (int4 only, and only without act order, where groups are swept in their stored
+    order): each group's scale is searched on the group's weights as the sweep reaches it, after the
+    error of the columns before it was pushed onto them (GPTQ's original scheme)."""
+    if not static_groups and (act_order or spec.format != "int4"):
+        raise ValueError("scales found during the sweep need int4 groups in stored order (act_order=False)")
     n, k = w.shape
     if hessian.shape != (k, k):
         raise PolicyError(f"{name}: Hessian is {tuple(hessian.shape)}, the layer takes {k} inputs")
@@ -63,6 +69,15 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec, damp: float = 0.
         err1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
+            j = i1 + i
+            if not static_groups and j % spec.group_size == 0:  # this group's scale, from its current weights
+                ahead = torch.cat([w1[:, i:], W[:, i2:]], dim=1)[:, :spec.group_size]
+                found = quantize_int4(ahead, spec.group_size, spec.symmetric)
+                fixed["scale"][:, j // spec.group_size] = found["scale"][:, 0]
+                scale[:, j:j + spec.group_size] = found["scale"].float()
+                if low is not None:
+                    fixed["min"][:, j // spec.group_size] = found["min"][:, 0]
+                    low[:, j:j + spec.group_size] = found["min"].float()
             col, s = w1[:, i], scale[:, i1 + i]
             if low is None:
                 c = torch.round(col / s).clamp(lo_code, hi_code)
