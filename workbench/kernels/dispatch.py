@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from workbench.kernels import gemv_sparse
-from workbench.kernels.quant_paths import MAX_TOKENS, QuantPaths, say_fallback
+from workbench.kernels.peers import say_once
+from workbench.kernels.quant_paths import MAX_TOKENS, QuantPaths
 from workbench.kernels.sparse_gemv import MAX_TOKENS as OLD_SPARSE_TOKENS, sparse_gemv
 from workbench.kernels.tuning import remembered, tuned
 from workbench.sparsity.rules import Cut
@@ -53,6 +54,7 @@ class LinearKernel:
         self.dense, self.tensors, self.dtype = dense, tensors, dtype
         self.kind = "quant" if cut is None else "sparse"
         self._quant = self._sparse = None
+        self._zeros = None  # thresholds of 0 for inputs that arrive masked (one per token, made once)
         # WORKBENCH_SPARSE_PATH=sparse|masked pins a sparse layer to one kind of path (tests, comparisons)
         self.pinned = os.environ.get("WORKBENCH_SPARSE_PATH") if cut is not None else None
         self.chosen: dict[int, str] = {}  # token count -> the path the tuner kept (bench reports it)
@@ -114,7 +116,7 @@ class LinearKernel:
         return gemv_sparse.launch(x, zero, sw, {k: v for k, v in cfg.items() if k != "path"})
 
     def _zero(self, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self, "_zeros", None) is None or self._zeros.device != x.device:
+        if self._zeros is None or self._zeros.device != x.device:
             self._zeros = torch.zeros(MAX_TOKENS, device=x.device, dtype=torch.float32)
         return self._zeros[:x.shape[0]]
 
@@ -173,6 +175,12 @@ class LinearKernel:
             return "in a joined kernel"
         chosen = " ".join(f"{m}:{p}" for m, p in sorted(self.chosen.items()))
         return "|".join(paths) + (f" [{chosen}]" if chosen else "")
+
+
+def say_fallback(layer, why: str) -> None:
+    """One log line per (setting, reason): this layer's decode runs the exact reference path."""
+    say_once(("fallback", str(layer.setting), why), "no GPU kernel for %s (%s): %s keeps the exact reference path",
+             layer.setting, why, layer.fqn or "a layer")
 
 
 def plan(layer) -> LinearKernel | None:

@@ -135,9 +135,3 @@ def joined_tensors(stores: list) -> dict:
     scales, groups along K), so the joined weight is exactly the stack of the parts."""
     names = stores[0].names
     return {name: torch.cat([s.tensors[name] for s in stores]) for name in names}
-
-
-def say_fallback(layer, why: str) -> None:
-    """One log line per (format, reason): this layer's decode runs the exact reference path."""
-    say_once(("fallback", str(layer.setting), why), "no GPU kernel for %s (%s): %s keeps the exact reference path",
-             layer.setting, why, layer.fqn or "a layer")
