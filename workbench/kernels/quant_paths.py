@@ -52,7 +52,8 @@ class QuantPaths:
         return (self.family, self.n, self.k, self.group, self.asym, self.dtype, self.w4 is not None,
                 self.tiny is not None, self.gemlite is not None)
 
-    def candidates(self, x: torch.Tensor) -> list[dict]:
+    def _own_candidates(self, x: torch.Tensor) -> list[dict]:
+        """Our kernels' launch configs for x's token count, the best-guess default first."""
         m = x.shape[0]
         out = []
         if self.w8 is not None:
@@ -61,7 +62,11 @@ class QuantPaths:
             out += [dict(impl="w4", **c) for c in gemv_int4.candidates(m, self.n, self.k, self.group, x.device,
                                                                          asym=self.asym)]
         bits = 8 if self.family == "int8" else 4
-        out += [dict(impl="quant", **c) for c in launch_candidates(m, self.n, self.k, bits, x.device)]
+        return out + [dict(impl="quant", **c) for c in launch_candidates(m, self.n, self.k, bits, x.device)]
+
+    def candidates(self, x: torch.Tensor) -> list[dict]:
+        m = x.shape[0]
+        out = self._own_candidates(x)
         for peer in ("tiny", "gemlite"):
             if getattr(self, peer) is not None and (peer, m) not in self.rejected and self._peer_agrees(peer, x):
                 out.append(dict(impl=peer))
@@ -89,7 +94,7 @@ class QuantPaths:
         return cfg
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x if x.stride(-1) == 1 and x.is_contiguous() else x.contiguous()
+        x = x.contiguous()  # a no-op for the contiguous rows the decode step hands over
         return self.launch(x, self.choice(x))
 
     def _peer_agrees(self, peer: str, x: torch.Tensor) -> bool:
@@ -103,7 +108,7 @@ class QuantPaths:
             say_once((peer, self.signature, x.shape[0]), "%s skipped for %s %dx%d at %d tokens: %s", peer,
                      self.family, self.n, self.k, x.shape[0], f"{type(e).__name__}: {str(e)[:160]}")
             return False
-        ours = self._ours(x)
+        ours = self._own_candidates(x)[0]
         want = self.launch(x, ours).float()
         err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
         if not err < PEER_TOLERANCE:
@@ -112,15 +117,6 @@ class QuantPaths:
                      "(relative) from our kernel", peer, self.family, self.n, self.k, x.shape[0], err)
             return False
         return True
-
-    def _ours(self, x: torch.Tensor) -> dict:
-        m = x.shape[0]
-        if self.w8 is not None:
-            return dict(impl="w8", **gemv_int8.candidates(m, self.n, self.k, x.device)[0])
-        if self.w4 is not None:
-            return dict(impl="w4", **gemv_int4.candidates(m, self.n, self.k, self.group, x.device, asym=self.asym)[0])
-        bits = 8 if self.family == "int8" else 4
-        return dict(impl="quant", **launch_candidates(m, self.n, self.k, bits, x.device)[0])
 
     def describe(self) -> str:
         names = [n for n, have in (("gemv_int8", self.w8), ("gemv_int4", self.w4)) if have is not None]
