@@ -74,6 +74,9 @@ def select_bits(block: int) -> int:
     return 2 if block <= 4096 else 4
 
 
+SILU_CHUNK = 2048
+
+
 def warps_for(block: int) -> int:
     return min(32, max(4, block // 512))
 
@@ -175,7 +178,7 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
 def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, stride_g, stride_u, D, keep, threshold, nz0, en0, nz1, en1, nz2, en2, CUT: tl.constexpr,
                      NC: tl.constexpr, BLOCK: tl.constexpr, SB: tl.constexpr):
     row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
     g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0)
@@ -193,11 +196,13 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, cut=None, counters=()):
     out = torch.empty_like(gate)
     mode, keep, threshold = _cut_args(cut)
     ptrs, nc = _counter_args(counters if mode else (), out)
-    block = triton.next_power_of_2(d)
+    # an elementwise row is cut into chunks (one program for 14336 entries at one token took 2.4 us, several
+    # take ~1); exact top-k needs the whole row in one program
+    block = triton.next_power_of_2(d) if mode == 1 else min(triton.next_power_of_2(d), SILU_CHUNK)
     gate, up = gate.reshape(rows, d), up.reshape(rows, d)  # views: gate|up may be halves of one output
     if gate.stride(-1) != 1 or up.stride(-1) != 1:
         gate, up = gate.contiguous(), up.contiguous()
-    _silu_mul_kernel[(rows,)](gate, up, out, gate.stride(0), up.stride(0), d, keep, threshold, *ptrs, CUT=mode, NC=nc, BLOCK=block,
+    _silu_mul_kernel[(rows, triton.cdiv(d, block))](gate, up, out, gate.stride(0), up.stride(0), d, keep, threshold, *ptrs, CUT=mode, NC=nc, BLOCK=block,
                               SB=select_bits(block), num_warps=warps_for(block))
     return out
 
@@ -229,8 +234,8 @@ def mask_rows(x: torch.Tensor, cut, counters=()) -> torch.Tensor:
 
 
 @triton.jit
-def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, T,
-                       H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, T, stride_q, stride_k,
+                       stride_v, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
     s = tl.program_id(0)
     head = tl.program_id(1)  # 0..H-1: query heads; H..H+HKV-1: key/value heads
     half = tl.arange(0, D // 2)
@@ -239,15 +244,15 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, k
     s1 = tl.load(sin_ptr + s * D + half).to(tl.float32)
     s2 = tl.load(sin_ptr + s * D + D // 2 + half).to(tl.float32)
     if head < H:
-        src = q_ptr + (s * H + head) * D
+        src = q_ptr + s * stride_q + head * D
         dst = qo_ptr + (s * H + head) * D
     else:
         kvh = head - H
         pos = tl.load(pos_ptr + s)
-        src = k_ptr + (s * HKV + kvh) * D
+        src = k_ptr + s * stride_k + kvh * D
         dst = kc_ptr + ((s * HKV + kvh) * T + pos) * D
         full = tl.arange(0, D)
-        tl.store(vc_ptr + ((s * HKV + kvh) * T + pos) * D + full, tl.load(v_ptr + (s * HKV + kvh) * D + full))
+        tl.store(vc_ptr + ((s * HKV + kvh) * T + pos) * D + full, tl.load(v_ptr + s * stride_v + kvh * D + full))
     x1 = tl.load(src + half).to(tl.float32)
     x2 = tl.load(src + D // 2 + half).to(tl.float32)
     tl.store(dst + half, (x1 * c1 - x2 * s1).to(dst.dtype.element_ty))  # rotate_half: (-x2, x1)
@@ -259,7 +264,9 @@ def rope_and_cache(q, k, v, cos, sin, positions, k_cache, v_cache):
     v written at each slot's position of k_cache/v_cache (S, Hkv, T, D)."""
     s, h, d = q.shape
     hkv, t = k_cache.shape[1], k_cache.shape[2]
-    q_out = torch.empty_like(q)
-    _rope_cache_kernel[(s, h + hkv)](q, k, v, cos, sin, positions, q_out, k_cache, v_cache, t,
-                                     H=h, HKV=hkv, D=d, num_warps=1)
+    # q, k and v may be column slices of one joined q|k|v output: rows strided, each row's heads contiguous
+    q, k, v = (a if a.stride(2) == 1 and a.stride(1) == d else a.contiguous() for a in (q, k, v))
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _rope_cache_kernel[(s, h + hkv)](q, k, v, cos, sin, positions, q_out, k_cache, v_cache, t, q.stride(0),
+                                     k.stride(0), v.stride(0), H=h, HKV=hkv, D=d, num_warps=1)
     return q_out
