@@ -166,15 +166,11 @@ def test_kernels_in_a_captured_decode_step_match_the_reference_paths(policy):
     want = _step_logits(engine, kernels=False, graph=False)
     got = _step_logits(engine, kernels=True, graph=True)
     cos = torch.nn.functional.cosine_similarity(got, want, dim=-1)
-    # a sparsity cut is a discontinuous choice: one rounding step (another summation order in a sparse
-    # kernel) moves entries across it, and over 30 random layers that compounds (exact top-k, whose cut
-    # sits among the densest activations, most: 0.955 seen); each kernel's own math is checked exactly in
-    # test_gemv_kernels_gpu.py. A wrong kernel (index, scale, dropped split) lands far below these bounds.
-    bound = {"topk": 0.9, "threshold": 0.97}.get(policy.get("rule"), 0.999)
-    assert (cos > bound).all(), cos
+    # exact top-k is a discontinuous choice: one rounding step moves entries across the cut, and over
+    # 30 random layers that compounds; the same kernels with and without the graph agree tightly
+    assert (cos > (0.97 if "rule" in policy else 0.999)).all(), cos
     again = _step_logits(engine, kernels=True, graph=False)  # split-K atomics sum in any order
-    assert (torch.nn.functional.cosine_similarity(got, again, dim=-1) > max(bound, 0.97 if "rule" in policy
-                                                                          else 0.9999)).all()
+    assert (torch.nn.functional.cosine_similarity(got, again, dim=-1) > (0.97 if "rule" in policy else 0.9999)).all()
     if policy.get("rule") == "topk":  # measured inside the graph by the kernels' counters (one replay: 2 tokens)
         assert abs(engine.stats()["achieved_sparsity"]["overall"] - policy["sparsity"]) < 0.01
     elif "rule" in policy:  # a calibrated cut: near the target on average, not exactly per token
