@@ -32,6 +32,18 @@ from workbench.kernels.layouts import locks, sm_count, split_plan, splits_for, s
 MAX_TOKENS = 64
 
 
+@triton.jit
+def _as_f32(w):
+    """A weight tile in float32. int8 by the exponent trick (2^23 + 128 + q is a float whose low mantissa
+    byte is q + 128; subtracting 2^23 + 128 gives q exactly): integer adds and one float add at full rate,
+    where the int-to-float conversion instruction runs at 1/8 rate and caps fused sparse+int8 below the
+    bandwidth."""
+    if w.dtype == tl.int8:
+        return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        return w.to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["M", "STEPS", "n_split"])
 def _sparse_dot_gemv_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, STEPS,
                        n_split, HAS_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -99,7 +111,7 @@ def _sparse_fma_gemv_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr,
         if not EVEN_K:
             keep = keep & k_mask
         w = tl.load(w_ptrs, mask=keep[:, None], other=0)
-        acc2 += w.to(tl.float32) * tl.where(keep, x, 0.0)[:, None]
+        acc2 += _as_f32(w) * tl.where(keep, x, 0.0)[:, None]
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * N
     acc = tl.sum(acc2, axis=0)[None, :]
@@ -109,16 +121,10 @@ def _sparse_fma_gemv_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr,
                USE_WS=USE_WS, BLOCK_T=1, BLOCK_N=BLOCK_N)
 
 
-@triton.jit(do_not_specialize=["M", "n_split"])
-def _sparse_gather_gemv_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, idx_ptr, M, N, K, stride_xm, stride_ym,
-                          n_split, HAS_SCALE: tl.constexpr, SLAB: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, USE_WS: tl.constexpr):
-    """One token. A program takes a slab of SLAB inputs, lists the kept ones (prefix sum, written to its
-    own scratch row), then walks only the kept weight rows, BLOCK_K at a time: every loaded byte is used."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rn = offs_n % N
+@triton.jit
+def _kept_list(x_ptr, t_ptr, idx_ptr, pid_n, pid_k, n_split, K, SLAB: tl.constexpr):
+    """One token's kept inputs in this program's slab of SLAB, listed in order (prefix sum) in its own
+    scratch row: (row pointer, count)."""
     thr = tl.load(t_ptr)
     offs = pid_k * SLAB + tl.arange(0, SLAB)
     in_k = offs < K
@@ -130,19 +136,65 @@ def _sparse_gather_gemv_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_p
     row = idx_ptr + (pid_n * n_split + pid_k).to(tl.int64) * SLAB
     tl.store(row + pos, offs, mask=keep)
     tl.debug_barrier()  # the list is complete before anyone reads it
-    acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    return row, count
+
+
+@triton.jit(do_not_specialize=["M", "n_split"])
+def _sparse_gather_gemv_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, idx_ptr, M, N, K, stride_xm, stride_ym,
+                          n_split, HAS_SCALE: tl.constexpr, SLAB: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, USE_WS: tl.constexpr, MODE: tl.constexpr):
+    """One token. A program takes a slab of SLAB inputs, lists the kept ones, then walks only the kept
+    weight rows, BLOCK_K at a time: every loaded byte is used. MODE 0: load then FMA, one chunk in
+    flight; MODE 1: the next chunk's rows are loaded before this chunk's FMAs (two in flight, by hand:
+    Triton pipelines only dot operands); MODE 2: `tl.dot` on a one-token tile, so Triton's pipeliner
+    keeps `num_stages` chunks in flight through shared memory."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n % N
+    row, count = _kept_list(x_ptr, t_ptr, idx_ptr, pid_n, pid_k, n_split, K, SLAB)
     offs_p = tl.arange(0, BLOCK_K)
-    for p0 in range(0, count, BLOCK_K):
-        pm = (p0 + offs_p) < count
-        kk = tl.load(row + p0 + offs_p, mask=pm, other=0)
-        xk = tl.load(x_ptr + kk, mask=pm, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + kk.to(tl.int64)[:, None] * N + rn[None, :], mask=pm[:, None], other=0)
-        acc2 += w.to(tl.float32) * xk[:, None]
-    acc = tl.sum(acc2, axis=0)[None, :]
+    if MODE == 2:
+        offs_t = tl.arange(0, 16)
+        acc16 = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+        for p0 in range(0, count, BLOCK_K):
+            pm = (p0 + offs_p) < count
+            kk = tl.load(row + p0 + offs_p, mask=pm, other=0)
+            xk = tl.load(x_ptr + kk, mask=pm, other=0.0)
+            w = tl.load(w_ptr + kk.to(tl.int64)[:, None] * N + rn[None, :], mask=pm[:, None], other=0)
+            xa = tl.where(offs_t[:, None] == 0, xk[None, :], 0.0).to(x_ptr.dtype.element_ty)
+            acc16 = tl.dot(xa, w.to(x_ptr.dtype.element_ty), acc16)
+        acc = tl.sum(tl.where(offs_t[:, None] == 0, acc16, 0.0), axis=0)[None, :]
+    else:
+        acc2 = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+        if MODE == 1:
+            pm = offs_p < count
+            kk = tl.load(row + offs_p, mask=pm, other=0)
+            xk = tl.load(x_ptr + kk, mask=pm, other=0.0)
+            w = tl.load(w_ptr + kk.to(tl.int64)[:, None] * N + rn[None, :], mask=pm[:, None], other=0)
+            for p0 in range(BLOCK_K, count + BLOCK_K, BLOCK_K):
+                pm_n = (p0 + offs_p) < count
+                kk_n = tl.load(row + p0 + offs_p, mask=pm_n, other=0)
+                xk_n = tl.load(x_ptr + kk_n, mask=pm_n, other=0.0)
+                w_n = tl.load(w_ptr + kk_n.to(tl.int64)[:, None] * N + rn[None, :], mask=pm_n[:, None], other=0)
+                acc2 += _as_f32(w) * xk.to(tl.float32)[:, None]
+                w = w_n
+                xk = xk_n
+        else:
+            for p0 in range(0, count, BLOCK_K):
+                pm = (p0 + offs_p) < count
+                kk = tl.load(row + p0 + offs_p, mask=pm, other=0)
+                xk = tl.load(x_ptr + kk, mask=pm, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + kk.to(tl.int64)[:, None] * N + rn[None, :], mask=pm[:, None], other=0)
+                acc2 += _as_f32(w) * xk[:, None]
+        acc = tl.sum(acc2, axis=0)[None, :]
     if HAS_SCALE:
         acc = acc * tl.load(s_ptr + rn)[None, :]
     store_tile(acc, y_ptr, ws_ptr, lock_ptr, tl.arange(0, 1), offs_n, M, N, stride_ym, pid_n, pid_k, n_split,
                USE_WS=USE_WS, BLOCK_T=1, BLOCK_N=BLOCK_N)
+
+
+GATHER_MODES = {"gather": 0, "gather_db": 1, "gather_dot": 2}
 
 
 def pack(weight: torch.Tensor) -> dict:
@@ -167,19 +219,23 @@ def block_t(m: int) -> int:
 def candidates(m: int, n: int, k: int, int8: bool, device) -> list[dict]:
     """Launch configs worth timing; the first is the untuned default."""
     sms = sm_count(device)
-    if m == 1:  # gather: (kind, block_n, block_k, warps, stages, slab)
-        shapes = [("gather", 256, 64, 8, 1, 512), ("gather", 256, 32, 4, 1, 256), ("gather", 512, 32, 8, 1, 512),
-                  ("gather", 256, 64, 8, 1, 1024), ("fma", 256, 64, 8, 1), ("dot", 256, 32, 4, 4)]
-        if int8:
-            shapes = [("gather", 512, 64, 8, 1, 512), ("gather", 512, 32, 4, 1, 256), ("gather", 256, 64, 4, 1, 512),
-                      ("gather", 512, 64, 8, 1, 1024), ("fma", 512, 32, 4, 1), ("dot", 512, 32, 4, 4)]
+    if m == 1:  # (kind, block_n, block_k, warps, stages, slab); the winners of sparse_sweep.py on an H200
+        shapes = [("gather_dot", 128, 32, 4, 4, 1024), ("gather_dot", 256, 32, 4, 3, 1024),
+                  ("gather_dot", 128, 64, 4, 4, 1024), ("gather_dot", 128, 64, 4, 3, 512),
+                  ("gather_dot", 128, 32, 4, 4, 2048), ("gather_dot", 256, 64, 4, 4, 2048),
+                  ("gather", 256, 64, 8, 1, 1024), ("gather", 256, 32, 4, 1, 256), ("gather_db", 256, 64, 8, 1, 512)]
+        if int8:  # tensor-core tiles of K-major int8 rows need byte shuffles: FMAs on converted rows win
+            shapes = [("gather_db", 256, 32, 4, 1, 1024), ("gather_db", 256, 64, 8, 1, 1024),
+                      ("gather_db", 256, 64, 8, 1, 512), ("gather_db", 512, 32, 4, 1, 1024),
+                      ("gather", 512, 64, 8, 1, 1024), ("gather", 256, 64, 4, 1, 512),
+                      ("gather_dot", 128, 64, 4, 4, 1024)]
     elif block_t(m) <= 32:
         shapes = [("dot", 256, 32, 4, 4), ("dot", 128, 64, 4, 4), ("dot", 256, 64, 8, 3)]
     else:
         shapes = [("dot", 128, 64, 4, 3), ("dot", 256, 32, 8, 3)]
     out = []
     for kind, bn, bk, w, s, *slab in shapes:
-        if kind == "gather":
+        if kind in GATHER_MODES:
             out.append(dict(kind=kind, block_n=bn, block_k=bk, warps=w, stages=s, slab=slab[0], split=0))
             continue
         tiles, steps = triton.cdiv(n, bn), triton.cdiv(k, bk)
@@ -195,7 +251,7 @@ def launch(x: torch.Tensor, threshold: torch.Tensor, packed: dict, cfg: dict,
     m, k = x.shape
     n = wt.shape[1]
     kind = cfg["kind"] if m == 1 else "dot"
-    if kind == "gather":
+    if kind in GATHER_MODES:
         return _launch_gather(x, threshold, packed, cfg, y)
     bt = 1 if kind == "fma" else block_t(m)
     bn, bk = cfg["block_n"], cfg["block_k"]
@@ -231,7 +287,8 @@ def _launch_gather(x, threshold, packed, cfg, y):
     _sparse_gather_gemv_kernel[(tiles, n_split)](x, threshold, wt, wt if scale is None else scale, y, ws if use_ws else y, lk,
                                             idx, 1, n, k, x.stride(0), y.stride(0), n_split,
                                             HAS_SCALE=scale is not None, SLAB=slab, BLOCK_N=bn,
-                                            BLOCK_K=cfg["block_k"], USE_WS=use_ws, num_warps=cfg["warps"],
+                                            BLOCK_K=cfg["block_k"], USE_WS=use_ws, MODE=GATHER_MODES[cfg["kind"]],
+                                            num_warps=cfg["warps"],
                                             num_stages=cfg["stages"])
     return y
 
