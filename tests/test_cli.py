@@ -42,7 +42,7 @@ BAD_INPUTS = [
     (["eval", "--model", "synthetic:tiny-llama", "--sparsity", "abc"], "invalid float value"),
     (["eval", "--model", "synthetic:tiny-llama", "--sparsity-rule", "nope", "--sparsity", "0.3"],
      "unknown sparsity rule 'nope'"),
-    (["eval", "--model", "synthetic:tiny-llama", "--precision", "int3"], "unknown weight format 'int3'"),
+    (["eval", "--model", "synthetic:tiny-llama", "--precision", "int5"], "unknown weight format 'int5'"),
     (["eval", "--model", "synthetic:tiny-llama", "--attention", "nope"], "unknown attention selector"),
     (["eval", "--model", "synthetic:tiny-llama", "--max-tokens", "0"], "--max-tokens must be a positive"),
     (["eval", "--model", "synthetic:tiny-llama", "--corpus", "/no/such.txt"], "corpus file not found"),
@@ -69,7 +69,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
 @pytest.mark.parametrize("content, message", [
     ("{not json", "not valid JSON"),
     ('{"default": {"sparsity": {"rule": "dense", "target": 2}}}', "[0, 1)"),
-    ('{"default": {"weights": {"format": "int3"}}}', "unknown weight format"),
+    ('{"default": {"weights": {"format": "int5"}}}', "unknown weight format"),
     ("[]", "must be a JSON object"),
 ])
 def test_bad_policy_files(tmp_path, content, message, capsys):

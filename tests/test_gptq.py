@@ -7,28 +7,33 @@ import torch
 from workbench import Engine, Policy, PolicyError
 from workbench.cli import main
 from workbench.formats.gptq import gptq_quantize
-from workbench.formats.quant import dequantize_int4, quantize_int4, quantize_int8_channel
+from workbench.formats.quant import (dequantize_grouped, dequantize_int4, quantize_grouped, quantize_int4,
+                                    quantize_int8_channel)
 from workbench.policy import Weights, parse_precision
 
 
-@pytest.mark.parametrize("spec", [Weights("int4", 32), Weights("int4", 64, symmetric=False), Weights("int8")])
+@pytest.mark.parametrize("spec", [Weights("int4", 32), Weights("int4", 64, symmetric=False), Weights("int8"),
+                                  Weights("int3", 64), Weights("int2", 32, symmetric=False)])
 def test_with_uncorrelated_inputs_gptq_is_round_to_nearest(spec):
     """H = I: no column's error has anywhere to go, so GPTQ keeps RTN's codes exactly (same scales)."""
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
     got = gptq_quantize(w, torch.eye(128), spec)
-    want = quantize_int8_channel(w) if spec.format == "int8" else quantize_int4(w, spec.group_size, spec.symmetric)
+    want = quantize_int8_channel(w) if spec.format == "int8" else \
+        quantize_grouped(w, int(spec.format[3]), spec.group_size, spec.symmetric)
     assert set(got) == set(want)
     for name in want:
         assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
 
 
-def test_gptq_lowers_the_output_error_on_correlated_inputs():
+@pytest.mark.parametrize("spec", [Weights("int4", 32), Weights("int3", 32), Weights("int2", 32, symmetric=False)])
+def test_gptq_lowers_the_output_error_on_correlated_inputs(spec):
     g = torch.Generator().manual_seed(1)
     mix = torch.randn(96, 96, generator=g)
     x = torch.randn(4096, 96, generator=g) @ mix  # correlated inputs, as real activations are
     w = torch.randn(64, 96, generator=g)
-    rtn = dequantize_int4(quantize_int4(w, 32))
-    gq = dequantize_int4(gptq_quantize(w, x.T @ x, Weights("int4", 32)))
+    bits = int(spec.format[3])
+    rtn = dequantize_grouped(quantize_grouped(w, bits, 32, spec.symmetric), bits)
+    gq = dequantize_grouped(gptq_quantize(w, x.T @ x, spec), bits)
     err = lambda wq: (x @ (w - wq).T).pow(2).mean().item()  # noqa: E731
     assert err(gq) < 0.7 * err(rtn), (err(gq), err(rtn))
 
@@ -79,7 +84,7 @@ def test_an_engine_under_gptq_decodes_and_packs_other_bytes_than_rtn():
     assert engine.model.get_submodule("model.layers.0.mlp.down_proj").store is layer.store
 
 
-@pytest.mark.parametrize("text, message", [("bf16-gptq", "gptq serves int4 groups and per-row int8, not bf16"),
+@pytest.mark.parametrize("text, message", [("bf16-gptq", "gptq serves int4/int3/int2 groups and per-row int8, not bf16"),
                                            ("int8-block64-gptq", "not int8 with blocks of 64"),
                                            ("int4-g64-awq2", "METHOD one of")])
 def test_a_method_a_format_cannot_take_is_one_line(text, message):

@@ -47,7 +47,7 @@ def test_json_rules_inherit_missing_sections_from_default():
 @pytest.mark.parametrize("bad, message", [
     ({"default": {"sparsity": {"rule": "nope"}}}, "unknown sparsity rule 'nope'"),
     ({"default": {"sparsity": {"rule": "dense", "target": 1.5}}}, "[0, 1)"),
-    ({"default": {"weights": {"format": "int3"}}}, "unknown weight format 'int3'"),
+    ({"default": {"weights": {"format": "int5"}}}, "unknown weight format 'int5'"),
     ({"default": {"weights": {"format": "none", "group_size": 0}}}, "group_size"),
     ({"default": {"attention": {"selector": "dense", "budget": 0}}}, "key count must be >= 1"),
     ({"default": {"attention": {"selector": "dense", "budget": 1.5}}}, "(0, 1]"),
@@ -117,7 +117,7 @@ def test_one_shorthand_grammar(text, rule, target, fmt, selector, head):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("topk100", "must be below 100%"), ("int3", "unknown weight format 'int3'"), ("", "non-empty"),
+    ("topk100", "must be below 100%"), ("int5", "unknown weight format 'int5'"), ("", "non-empty"),
     ("int8+", "empty part"), ("nope:3", "unknown attention selector"), ("head:int9", "unknown weight format"),
 ])
 def test_shorthand_errors_name_the_part(text, message):

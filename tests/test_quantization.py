@@ -15,7 +15,8 @@ from workbench.transforms import wrappers
 
 # SQNR floors (dB) on Gaussian weights; int4 floors are what 4 bits can give (6 dB per bit, minus clipping)
 FLOORS = {"fp32": 120, "bf16": 45, "fp16": 60, "fp8": 28, "int8": 38, "int8-block64": 38,
-          "int4-g32": 19, "int4-g64": 18, "int4-g128": 17, "int4-g32-asym": 19, "int4-g64-asym": 18}
+          "int4-g32": 19, "int4-g64": 18, "int4-g128": 17, "int4-g32-asym": 19, "int4-g64-asym": 18,
+          "int3-g32": 14.5, "int3-g64": 14, "int3-g64-asym": 14, "int2-g64": 8, "int2-g32-asym": 9, "int2-g64-asym": 8.5}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,32 @@ def test_int4_pack_roundtrip():
     assert torch.equal(quant.unpack_int4(quant.pack_int4(q)), q.to(torch.uint8))
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_dense_bit_packing_round_trips_at_exactly_bits_per_value(bits):
+    q = torch.randint(0, 1 << bits, (8, 64))
+    packed = quant.pack_bits(q, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (8, 64 * bits // 8)
+    assert torch.equal(quant.unpack_bits(packed, bits), q.to(torch.uint8))
+    if bits == 3:  # eight values in three bytes, element 0 in the lowest bits
+        word = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0]])
+        assert quant.pack_bits(word, 3).tolist() == [[1 | 2 << 3 | (3 & 3) << 6, 3 >> 2 | 4 << 1 | 5 << 4 | (6 & 1) << 7,
+                                                       6 >> 1 | 7 << 2 | 0 << 5]]
+
+
+@pytest.mark.parametrize("label", ["int3-g64", "int2-g64-asym"])
+def test_low_bit_reference_dequantization_is_exact(label, weight):
+    """The reference weight is exactly code x scale (+ minimum) per group: rebuilt here from the codes."""
+    spec = parse_precision(label)
+    bits = int(spec.format[3])
+    packed = WEIGHT_FORMATS.get(spec.format).quantize(weight, spec)
+    codes = quant.unpack_bits(packed.q, bits).float().reshape(128, -1, spec.group_size)
+    scale = packed.scale.float()[..., None]
+    want = codes * scale + packed.min.float()[..., None] if "min" in packed.names else \
+        (codes - (1 << (bits - 1))) * scale
+    assert torch.equal(packed.dequantize(), want.reshape(128, 256))
+    assert int(codes.max()) < (1 << bits)
+
+
 def test_int8pack_fast_path_equals_reference(weight):
     packed = WEIGHT_FORMATS.get("int8").quantize(weight, parse_precision("int8"))
     x = torch.randn(3, 5, 256)
@@ -65,7 +92,9 @@ def test_tinygemm_layout_matches_reference(label, weight):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("int3", "unknown weight format 'int3'"),
+    ("int5", "unknown weight format 'int5'"),
+    ("int3", "weight format 'int3' needs a group size: int3-g32, int3-g64, int3-g128 or int3-g256"),
+    ("int2-g48", "int2 group size must be one of"),
     ("int4", "needs a group size"),
     ("int4-g48", "int4 group size must be one of"),
     ("int8-asym", "symmetric only"),
@@ -88,7 +117,8 @@ def test_shape_errors_name_the_layer_and_leave_the_model_untouched(sample_ids):
     assert engine.policy.name == "int8" and torch.equal(engine.forward(sample_ids), before)
 
 
-@pytest.mark.parametrize("label", ["bf16", "fp8", "int8", "int8-block32", "int4-g32", "int4-g32-asym"])
+@pytest.mark.parametrize("label", ["bf16", "fp8", "int8", "int8-block32", "int4-g32", "int4-g32-asym", "int3-g32",
+                                   "int2-g32-asym"])
 def test_every_architecture_quantizes_and_unwraps(tiny_name, label, sample_ids):
     engine = Engine.from_pretrained(tiny_name, device="cpu")
     dense = engine.forward(sample_ids)
@@ -100,7 +130,8 @@ def test_every_architecture_quantizes_and_unwraps(tiny_name, label, sample_ids):
     assert torch.isfinite(out).all()
     rel = (out - dense).norm() / dense.norm()
     # loose: random tiny models (and v32's discrete indexer) amplify; precision is tested by the SQNR floors
-    bound = {"bf16": 0.05, "int8": 0.05, "int8-block32": 0.05, "fp8": 0.15}.get(label, 0.5)
+    # (2 bits keep ~10 dB of the weight: the output moves by most of its norm, yet stays finite and bounded)
+    bound = {"bf16": 0.05, "int8": 0.05, "int8-block32": 0.05, "fp8": 0.15, "int2-g32-asym": 1.0}.get(label, 0.5)
     assert 0 < rel < bound
     engine.unwrap()
     assert all(torch.equal(state[k], v) for k, v in engine.model.state_dict().items())

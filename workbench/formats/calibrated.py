@@ -24,8 +24,8 @@ class QuantMethod:
     def validate(self, spec: Weights) -> None:
         if not self.needs_hessian:
             return
-        if not (spec.format == "int4" or (spec.format == "int8" and not spec.group_size)):
-            raise PolicyError(f"{self.name} serves int4 groups and per-row int8, not {spec.format}"
+        if not (spec.format in ("int4", "int3", "int2") or (spec.format == "int8" and not spec.group_size)):
+            raise PolicyError(f"{self.name} serves int4/int3/int2 groups and per-row int8, not {spec.format}"
                               + (f" with blocks of {spec.group_size}" if spec.group_size else ""))
 
     def quantize(self, w, spec: Weights, hessian=None, name: str = "a layer"):

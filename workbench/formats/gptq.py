@@ -16,14 +16,16 @@ AutoGPTQ make them:
   ("static groups"), so groups stay contiguous along K as the format stores them, also under act_order;
 * input channels the calibration never saw active (zero diagonal) are set to zero weight.
 
-Formats: int4 groups (symmetric or asymmetric) and int8 with one scale per row.
+Formats: int4/int3/int2 groups (symmetric or asymmetric) and int8 with one scale per row.
 """
 from __future__ import annotations
 
 import torch
 
 from workbench.errors import PolicyError
-from workbench.formats.quant import pack_int4, quantize_int4, quantize_int8_channel
+from workbench.formats.quant import pack_bits, quantize_grouped, quantize_int8_channel
+
+GROUPED_BITS = {"int4": 4, "int3": 3, "int2": 2}
 
 BLOCK = 128
 
@@ -32,25 +34,27 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec, damp: float = 0.
                   static_groups: bool = True, name: str = "a layer") -> dict[str, torch.Tensor]:
     """The format tensors of `w` (N, K) quantized by GPTQ under `hessian` (K, K) = sum of x x^T.
 
-    `static_groups=False` (int4 only, and only without act order, where groups are swept in their stored
-    order): each group's scale is searched on the group's weights as the sweep reaches it, after the
-    error of the columns before it was pushed onto them (GPTQ's original scheme)."""
-    if not static_groups and (act_order or spec.format != "int4"):
-        raise ValueError("scales found during the sweep need int4 groups in stored order (act_order=False)")
+    `static_groups=False` (grouped formats only, and only without act order, where groups are swept in
+    their stored order): each group's scale is searched on the group's weights as the sweep reaches it,
+    after the error of the columns before it was pushed onto them (GPTQ's original scheme)."""
+    bits = GROUPED_BITS.get(spec.format)
+    if not static_groups and (act_order or bits is None):
+        raise ValueError("scales found during the sweep need grouped formats in stored order (act_order=False)")
     n, k = w.shape
     if hessian.shape != (k, k):
         raise PolicyError(f"{name}: Hessian is {tuple(hessian.shape)}, the layer takes {k} inputs")
-    if spec.format == "int4":
-        fixed = quantize_int4(w, spec.group_size, spec.symmetric)
+    if bits is not None:
+        fixed = quantize_grouped(w, bits, spec.group_size, spec.symmetric)
         scale = fixed["scale"].float().repeat_interleave(spec.group_size, dim=1)  # (N, K) per column
         low = fixed["min"].float().repeat_interleave(spec.group_size, dim=1) if "min" in fixed else None
-        lo_code, hi_code, offset = (0, 15, 0) if low is not None else (-8, 7, 8)
+        half = 1 << (bits - 1)
+        lo_code, hi_code, offset = (0, 2 * half - 1, 0) if low is not None else (-half, half - 1, half)
     elif spec.format == "int8" and not spec.group_size:
         fixed = quantize_int8_channel(w)
         scale = fixed["scale"].float()[:, None].expand(n, k)
         low, lo_code, hi_code, offset = None, -127, 127, 0
     else:
-        raise PolicyError(f"{name}: gptq serves int4 groups and per-row int8, not {spec.label}")
+        raise PolicyError(f"{name}: gptq serves int4/int3/int2 groups and per-row int8, not {spec.label}")
 
     W = w.detach().float().clone()
     H = hessian.detach().float().clone()
@@ -72,7 +76,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec, damp: float = 0.
             j = i1 + i
             if not static_groups and j % spec.group_size == 0:  # this group's scale, from its current weights
                 ahead = torch.cat([w1[:, i:], W[:, i2:]], dim=1)[:, :spec.group_size]
-                found = quantize_int4(ahead, spec.group_size, spec.symmetric)
+                found = quantize_grouped(ahead, bits, spec.group_size, spec.symmetric)
                 fixed["scale"][:, j // spec.group_size] = found["scale"][:, 0]
                 scale[:, j:j + spec.group_size] = found["scale"].float()
                 if low is not None:
@@ -94,7 +98,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec, damp: float = 0.
     codes = codes[:, torch.argsort(order)]  # back to the stored column order
     if spec.format == "int8":
         return {"q": codes.to(torch.int8), "scale": fixed["scale"]}
-    out = {"q": pack_int4((codes + offset).to(torch.uint8)), "scale": fixed["scale"]}
+    out = {"q": pack_bits((codes + offset).to(torch.uint8), bits), "scale": fixed["scale"]}
     if "min" in fixed:
         out["min"] = fixed["min"]
     return out

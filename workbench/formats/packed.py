@@ -19,7 +19,7 @@ from workbench.errors import PolicyError
 from workbench.formats import quant
 from workbench.policy import WEIGHT_FORMATS, Weights
 
-INT4_GROUPS = (32, 64, 128, 256)
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes of every grouped low-bit format (int4, int3, int2)
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,12 @@ class WeightFormat:
     dequantize_fn: Callable | None = None  # (tensors, spec) -> float32 (N, K)
     doc: str = ""
     kernel_family: str | None = None  # "dense" (a cast the model's dtype can use), "int8", "int4", or None
+    bits: int | None = None  # a grouped low-bit format (int4, int3, int2): bits per value; None otherwise
 
     def labels(self) -> list[str]:
         """Every spelling of this format a menu offers (``int4-g32`` ... ``int4-g256-asym``)."""
-        if self.name == "int4":
-            return [f"int4-g{g}" for g in INT4_GROUPS] + [f"int4-g{g}-asym" for g in INT4_GROUPS]
+        if self.bits:
+            return [f"{self.name}-g{g}" for g in INT4_GROUPS] + [f"{self.name}-g{g}-asym" for g in INT4_GROUPS]
         if self.name == "int8":
             return ["int8", "int8-block64", "int8-block128"]
         return [self.name]
@@ -47,20 +48,23 @@ class WeightFormat:
     def validate(self, spec: Weights) -> None:
         if self.name in ("none", "fp32", "bf16", "fp16", "fp8") and spec.group_size is not None:
             raise PolicyError(f"weight format {self.name!r} takes no group size, got {spec.group_size}")
-        if self.name == "int4":
+        if self.bits:
             if spec.group_size is None:
-                raise PolicyError("weight format 'int4' needs a group size: int4-g32, int4-g64, int4-g128 or int4-g256")
+                raise PolicyError(f"weight format {self.name!r} needs a group size: "
+                                  + ", ".join(f"{self.name}-g{g}" for g in INT4_GROUPS[:-1])
+                                  + f" or {self.name}-g{INT4_GROUPS[-1]}")
             if spec.group_size not in INT4_GROUPS:
-                raise PolicyError(f"int4 group size must be one of {', '.join(map(str, INT4_GROUPS))}, "
+                raise PolicyError(f"{self.name} group size must be one of {', '.join(map(str, INT4_GROUPS))}, "
                                   f"got {spec.group_size}")
-        if not spec.symmetric and self.name != "int4":
-            raise PolicyError(f"weight format {self.name!r} is symmetric only; asymmetric is an int4 option")
+        if not spec.symmetric and not self.bits:
+            raise PolicyError(f"weight format {self.name!r} is symmetric only; asymmetric is an option of the "
+                              "grouped int4, int3 and int2")
 
     def label(self, spec: Weights) -> str:
         if self.name == "int8" and spec.group_size:
             return f"int8-block{spec.group_size}"
-        if self.name == "int4":
-            return f"int4-g{spec.group_size}" + ("" if spec.symmetric else "-asym")
+        if self.bits:
+            return f"{self.name}-g{spec.group_size}" + ("" if spec.symmetric else "-asym")
         return self.name
 
     def check_shape(self, spec: Weights, shape: tuple[int, int], fqn: str, embedding: bool = False) -> None:
@@ -69,7 +73,7 @@ class WeightFormat:
             raise PolicyError(f"{self.label(spec)} cannot apply to {fqn}: an embedding needs a row-wise format "
                               "(int8, int4-gN, fp8 or a cast)")
         g = spec.group_size
-        if self.name == "int4" and k % g:
+        if self.bits and k % g:
             raise PolicyError(f"{self.label(spec)} cannot apply to {fqn}: its {k} input features are not a "
                               f"multiple of the group size {g}")
         if self.name == "int8" and g and (n % g or k % g):
@@ -78,13 +82,13 @@ class WeightFormat:
 
     def fallback(self, spec: Weights, shape: tuple[int, int], embedding: bool = False) -> Weights | None:
         """The nearest spec a layer of `shape` can take when a model-wide `spec` does not fit it (as
-        llama.cpp falls back per tensor): int4 with the largest group that divides the input features,
-        else int8 per channel; int8 blocks that do not tile, int8 per channel. None: nothing fits."""
+        llama.cpp falls back per tensor): the same bits with the largest group that divides the input
+        features, else int8 per channel; int8 blocks that do not tile, int8 per channel. None: nothing fits."""
         n, k = shape
-        if self.name == "int4":
+        if self.bits:
             group = next((g for g in sorted(INT4_GROUPS, reverse=True) if g < spec.group_size and k % g == 0), None)
             if group is not None:
-                return Weights("int4", group, spec.symmetric)
+                return Weights(self.name, group, spec.symmetric)
             return Weights("int8")
         if self.name == "int8" and spec.group_size:
             return Weights("int8")
@@ -101,9 +105,9 @@ class WeightFormat:
         if self.name == "int8":
             g = spec.group_size
             return n * k + (4 * (n // g) * (k // g) if g else 4 * n)
-        if self.name == "int4":
+        if self.bits:
             groups = n * (k // spec.group_size)
-            return n * k // 2 + 2 * groups * (1 if spec.symmetric else 2)
+            return n * k * self.bits // 8 + 2 * groups * (1 if spec.symmetric else 2)
         raise PolicyError(f"format {self.name!r} stores nothing of its own")
 
     def bits_per_weight(self, spec: Weights, shape: tuple[int, int]) -> float:
@@ -197,10 +201,12 @@ def _register() -> None:
         else quant.quantize_int8_channel(w),
         lambda t, spec: quant.dequantize_int8_block(t) if spec.group_size else quant.dequantize_int8_channel(t),
         doc="symmetric, per-row scale or absmax per b x b block", kernel_family="int8"))
-    WEIGHT_FORMATS.register("int4", WeightFormat(
-        "int4", lambda w, spec: quant.quantize_int4(w, spec.group_size, spec.symmetric),
-        lambda t, spec: quant.dequantize_int4(t),
-        doc="groups of g along K, fp16 scales, symmetric or asymmetric", kernel_family="int4"))
+    for bits in (4, 3, 2):  # int3/int2 have no GPU kernel yet: the reference path serves them, said once
+        WEIGHT_FORMATS.register(f"int{bits}", WeightFormat(
+            f"int{bits}", lambda w, spec, b=bits: quant.quantize_grouped(w, b, spec.group_size, spec.symmetric),
+            lambda t, spec, b=bits: quant.dequantize_grouped(t, b),
+            doc=f"groups of g along K, {bits}-bit codes packed densely, fp16 scales, symmetric or asymmetric",
+            kernel_family="int4" if bits == 4 else None, bits=bits))
 
 
 _register()

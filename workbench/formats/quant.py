@@ -10,6 +10,9 @@ Every format has an exact reference dequantization; the bytes stored are exactly
 * ``int4``            groups of g along K (32/64/128/256), fp16 scales; symmetric (q in [-8, 7]) or
                       asymmetric (q in [0, 15] with an fp16 minimum per group, like llama.cpp's Q4_1).
                       Two values per byte, low nibble first.
+* ``int3``, ``int2``  the same groups at 3 and 2 bits (q in [-4, 3] / [-2, 1], or [0, 7] / [0, 3] with a
+                      minimum), packed densely: eight 3-bit values in three bytes, four 2-bit values in one
+                      byte, element 0 in the lowest bits, so storage is exactly bits x weights.
 """
 from __future__ import annotations
 
@@ -29,6 +32,34 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """(N, K/2) uint8 -> (N, K) uint8 in [0, 15]."""
     low, high = packed & 0x0F, packed >> 4
     return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)
+
+
+PER_WORD = {4: 2, 3: 8, 2: 4}  # values per packed word; a word is bits x values / 8 bytes (1, 3, 1)
+
+
+def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """(N, K) integers in [0, 2^bits) -> (N, K * bits / 8) uint8, element 0 of each word in its lowest bits
+    (bits = 4 is `pack_int4`'s layout)."""
+    if bits == 4:
+        return pack_int4(q)
+    n, k = q.shape
+    per = PER_WORD[bits]
+    words = q.to(torch.int32).reshape(n, k // per, per)
+    word = (words << (bits * torch.arange(per, dtype=torch.int32, device=q.device))).sum(-1, dtype=torch.int32)
+    out = torch.stack([(word >> (8 * j)) & 0xFF for j in range(per * bits // 8)], dim=-1)
+    return out.reshape(n, -1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `pack_bits`: (N, K * bits / 8) uint8 -> (N, K) uint8."""
+    if bits == 4:
+        return unpack_int4(packed)
+    n = packed.shape[0]
+    per, nbytes = PER_WORD[bits], PER_WORD[bits] * bits // 8
+    b = packed.to(torch.int32).reshape(n, -1, nbytes)
+    word = (b << (8 * torch.arange(nbytes, dtype=torch.int32, device=packed.device))).sum(-1, dtype=torch.int32)
+    vals = (word[..., None] >> (bits * torch.arange(per, dtype=torch.int32, device=packed.device))) & ((1 << bits) - 1)
+    return vals.reshape(n, -1).to(torch.uint8)
 
 
 # ---- per-format quantize / dequantize (float32 math; why: scales computed in low precision drift) -----------
@@ -87,42 +118,58 @@ def _best_of(candidates, g: torch.Tensor, quantize):
     return best
 
 
-def quantize_int4(w: torch.Tensor, group: int, symmetric: bool = True) -> dict[str, torch.Tensor]:
+# 2-3 bits clip harder at their best: the search reaches half the range there (int4's grid is unchanged)
+LOW_BIT_SEARCH = SCALE_SEARCH + (0.7, 0.65, 0.6, 0.55, 0.5)
+
+
+def quantize_grouped(w: torch.Tensor, bits: int, group: int, symmetric: bool = True) -> dict[str, torch.Tensor]:
+    """int4/int3/int2 in groups of `group` along K: fp16 scale (and minimum) per group, the scale searched
+    per group for the least squared round-trip error."""
     n, k = w.shape
+    levels, half = 1 << bits, 1 << (bits - 1)
+    search = SCALE_SEARCH if bits >= 4 else LOW_BIT_SEARCH
     g = w.float().reshape(n, k // group, group)  # (N, G, g)
     if symmetric:
-        # signed absmax / -8 uses all 16 levels (llama.cpp's Q4_0 trick); shrinking it clips outliers
+        # signed absmax / -half uses every level (llama.cpp's Q4_0 trick); shrinking it clips outliers
         signed_max = g.gather(-1, g.abs().argmax(dim=-1, keepdim=True))[..., 0]
         def sym(c):
             d = c[0].float()[..., None]
-            return (g / d).round().clamp(-8, 7) * d
-        cands = [((signed_max / -8 * f).half().masked_fill(signed_max == 0, 1e-8),) for f in SCALE_SEARCH]
+            return (g / d).round().clamp(-half, half - 1) * d
+        cands = [((signed_max / -half * f).half().masked_fill(signed_max == 0, 1e-8),) for f in search]
         (scale,) = _best_of(cands, g, sym)
-        q = (g / scale.float()[..., None]).round().clamp(-8, 7) + 8
-        return {"q": pack_int4(q.reshape(n, k)), "scale": scale}
+        q = (g / scale.float()[..., None]).round().clamp(-half, half - 1) + half
+        return {"q": pack_bits(q.reshape(n, k), bits), "scale": scale}
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     def asym(c):
         d, m = c[0].float()[..., None], c[1].float()[..., None]
-        return ((g - m) / d).round().clamp(0, 15) * d + m
+        return ((g - m) / d).round().clamp(0, levels - 1) * d + m
     cands = []
-    for f in SCALE_SEARCH:  # shrink the range symmetrically around its centre
-        mid, half = (hi + lo) / 2, (hi - lo) / 2 * f
-        cands.append((((2 * half) / 15).clamp_min(1e-8).half(), (mid - half).half()))
+    for f in search:  # shrink the range symmetrically around its centre
+        mid, span = (hi + lo) / 2, (hi - lo) / 2 * f
+        cands.append((((2 * span) / (levels - 1)).clamp_min(1e-8).half(), (mid - span).half()))
     scale, lo = _best_of(cands, g, asym)
-    q = ((g - lo.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15)
-    return {"q": pack_int4(q.reshape(n, k)), "scale": scale, "min": lo}
+    q = ((g - lo.float()[..., None]) / scale.float()[..., None]).round().clamp(0, levels - 1)
+    return {"q": pack_bits(q.reshape(n, k), bits), "scale": scale, "min": lo}
 
 
-def dequantize_int4(t: dict[str, torch.Tensor]) -> torch.Tensor:
-    q = unpack_int4(t["q"]).float()
+def dequantize_grouped(t: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    q = unpack_bits(t["q"], bits).float()
     n, k = q.shape
     groups = t["scale"].shape[1]
     q = q.reshape(n, groups, k // groups)
     if "min" in t:
         w = q * t["scale"].float()[..., None] + t["min"].float()[..., None]
     else:
-        w = (q - 8) * t["scale"].float()[..., None]
+        w = (q - (1 << (bits - 1))) * t["scale"].float()[..., None]
     return w.reshape(n, k)
+
+
+def quantize_int4(w: torch.Tensor, group: int, symmetric: bool = True) -> dict[str, torch.Tensor]:
+    return quantize_grouped(w, 4, group, symmetric)
+
+
+def dequantize_int4(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    return dequantize_grouped(t, 4)
 
 
 def int4_scale_and_zero(t: dict[str, torch.Tensor]) -> torch.Tensor:
