@@ -24,8 +24,9 @@ def _policy_options(p: argparse.ArgumentParser) -> None:
                    help="weight format of block linears: fp32 bf16 fp16 fp8 int8 int8-block64 int4-g32 int4-g64 "
                         "int4-g128, int3-gN, int2-gN (add -asym for asymmetric groups), or auto (with --budget-bits)")
     p.add_argument("--quant-method", default=None,
-                   help="how --precision rounds: rtn (nearest, default) or gptq (calibrated on the corpus; "
-                        "int4/int3/int2 groups and per-row int8); same as the precision suffix, e.g. int4-g64-gptq")
+                   help="how --precision rounds: rtn (nearest, default), gptq (calibrated on the corpus; "
+                        "int4/int3/int2 groups and per-row int8) or imatrix (group scales weighted by the corpus's "
+                        "activations; groups); same as the precision suffix, e.g. int4-g64-gptq")
     p.add_argument("--budget-bits", type=float, default=None, help="bits per weight for --precision auto")
     p.add_argument("--head-precision", default=None,
                    help="weight format for the embedding table and lm_head (default: left as loaded)")

@@ -1,7 +1,9 @@
 """Quantization methods: how a weight format's values are chosen (registered in `QUANT_METHODS`).
 
-    rtn   round to nearest, with the format's own scale search (no data)
-    gptq  GPTQ under the Hessian of the layer's calibration inputs (`formats.gptq`, `formats.hessians`)
+    rtn      round to nearest, with the format's own scale search (no data)
+    gptq     GPTQ under the Hessian of the layer's calibration inputs (`formats.gptq`, `formats.hessians`)
+    imatrix  round to nearest with each group's scale searched under the inputs' mean squared
+             activation per channel (llama.cpp's importance matrix; `formats.imatrix`)
 
 A method produces the format's ordinary packed tensors, so kernels, byte accounting, LoRA merging and the
 reference dequantization are the same for every method. The policy names it with the precision:
@@ -10,9 +12,15 @@ reference dequantization are the same for every method. The policy names it with
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from workbench.errors import PolicyError
+from workbench.formats.gptq import gptq_quantize
+from workbench.formats.imatrix import imatrix_quantize
 from workbench.policy import QUANT_METHODS, WEIGHT_FORMATS, Weights
+
+
+GROUPED = ("int4", "int3", "int2")
 
 
 @dataclass(frozen=True)
@@ -20,12 +28,15 @@ class QuantMethod:
     name: str
     needs_hessian: bool
     doc: str
+    row_int8: bool = False  # also serves int8 with one scale per row (besides the grouped formats)
+    fn: Callable | None = None  # (w, hessian, spec, name) -> the format's tensors, for calibrated methods
 
     def validate(self, spec: Weights) -> None:
         if not self.needs_hessian:
             return
-        if not (spec.format in ("int4", "int3", "int2") or (spec.format == "int8" and not spec.group_size)):
-            raise PolicyError(f"{self.name} serves int4/int3/int2 groups and per-row int8, not {spec.format}"
+        if not (spec.format in GROUPED or (self.row_int8 and spec.format == "int8" and not spec.group_size)):
+            served = "int4/int3/int2 groups" + (" and per-row int8" if self.row_int8 else "")
+            raise PolicyError(f"{self.name} serves {served}, not {spec.format}"
                               + (f" with blocks of {spec.group_size}" if spec.group_size else ""))
 
     def quantize(self, w, spec: Weights, hessian=None, name: str = "a layer"):
@@ -35,9 +46,8 @@ class QuantMethod:
             return fmt.quantize(w, spec)
         if hessian is None:
             raise PolicyError(f"{name}: {self.name} needs calibration inputs (a Hessian) and got none")
-        from workbench.formats.gptq import gptq_quantize
         from workbench.formats.packed import PackedWeight
-        tensors = gptq_quantize(w.detach().float().cpu(), hessian, spec, name=name)
+        tensors = self.fn(w.detach().float().cpu(), hessian, spec, name=name)
         tensors = {k: v.to(w.device) for k, v in tensors.items()}
         return PackedWeight(fmt, spec, tuple(w.shape), tensors, w.dtype)
 
@@ -62,4 +72,8 @@ def pending_calibrated(model, policy, store_cache: dict | None) -> list[str]:
 
 
 QUANT_METHODS.register("rtn", QuantMethod("rtn", False, "round to nearest (the format's scale search)"))
-QUANT_METHODS.register("gptq", QuantMethod("gptq", True, "GPTQ: error feedback under the calibration Hessian"))
+QUANT_METHODS.register("gptq", QuantMethod("gptq", True, "GPTQ: error feedback under the calibration Hessian",
+                                           row_int8=True, fn=gptq_quantize))
+QUANT_METHODS.register("imatrix", QuantMethod("imatrix", True, "group scales searched under the inputs' mean "
+                                                               "squared activation (llama.cpp's imatrix)",
+                                              fn=imatrix_quantize))

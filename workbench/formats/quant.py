@@ -102,13 +102,15 @@ def dequantize_int8_block(t: dict[str, torch.Tensor]) -> torch.Tensor:
 SCALE_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # candidate shrink factors of the absmax scale
 
 
-def _best_of(candidates, g: torch.Tensor, quantize):
+def _best_of(candidates, g: torch.Tensor, quantize, weight: torch.Tensor | None = None):
     """Per group, the candidate whose round trip has the least squared error (a small grid search, as
-    llama.cpp's make_qx_quants does, instead of plain absmax)."""
+    llama.cpp's make_qx_quants does, instead of plain absmax), each element's error times `weight`
+    (broadcast to g's shape) when given."""
     best = best_err = None
     for cand in candidates:
         deq = quantize(cand)
-        err = (deq - g).pow(2).sum(dim=-1)  # (N, G)
+        sq = (deq - g).pow(2)
+        err = (sq if weight is None else sq * weight).sum(dim=-1)  # (N, G)
         if best is None:
             best, best_err = cand, err
             continue
@@ -122,13 +124,16 @@ def _best_of(candidates, g: torch.Tensor, quantize):
 LOW_BIT_SEARCH = SCALE_SEARCH + (0.7, 0.65, 0.6, 0.55, 0.5)
 
 
-def quantize_grouped(w: torch.Tensor, bits: int, group: int, symmetric: bool = True) -> dict[str, torch.Tensor]:
+def quantize_grouped(w: torch.Tensor, bits: int, group: int, symmetric: bool = True,
+                     importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """int4/int3/int2 in groups of `group` along K: fp16 scale (and minimum) per group, the scale searched
-    per group for the least squared round-trip error."""
+    per group for the least squared round-trip error; with `importance` (K,) (an input channel's mean
+    squared activation: `formats.imatrix`) the error of each input channel counts that much."""
     n, k = w.shape
     levels, half = 1 << bits, 1 << (bits - 1)
     search = SCALE_SEARCH if bits >= 4 else LOW_BIT_SEARCH
     g = w.float().reshape(n, k // group, group)  # (N, G, g)
+    weight = None if importance is None else importance.float().reshape(1, k // group, group)
     if symmetric:
         # signed absmax / -half uses every level (llama.cpp's Q4_0 trick); shrinking it clips outliers
         signed_max = g.gather(-1, g.abs().argmax(dim=-1, keepdim=True))[..., 0]
@@ -136,7 +141,7 @@ def quantize_grouped(w: torch.Tensor, bits: int, group: int, symmetric: bool = T
             d = c[0].float()[..., None]
             return (g / d).round().clamp(-half, half - 1) * d
         cands = [((signed_max / -half * f).half().masked_fill(signed_max == 0, 1e-8),) for f in search]
-        (scale,) = _best_of(cands, g, sym)
+        (scale,) = _best_of(cands, g, sym, weight)
         q = (g / scale.float()[..., None]).round().clamp(-half, half - 1) + half
         return {"q": pack_bits(q.reshape(n, k), bits), "scale": scale}
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
@@ -147,7 +152,7 @@ def quantize_grouped(w: torch.Tensor, bits: int, group: int, symmetric: bool = T
     for f in search:  # shrink the range symmetrically around its centre
         mid, span = (hi + lo) / 2, (hi - lo) / 2 * f
         cands.append((((2 * span) / (levels - 1)).clamp_min(1e-8).half(), (mid - span).half()))
-    scale, lo = _best_of(cands, g, asym)
+    scale, lo = _best_of(cands, g, asym, weight)
     q = ((g - lo.float()[..., None]) / scale.float()[..., None]).round().clamp(0, levels - 1)
     return {"q": pack_bits(q.reshape(n, k), bits), "scale": scale, "min": lo}
 
