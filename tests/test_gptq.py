@@ -127,3 +127,24 @@ def test_a_layer_that_falls_back_to_a_smaller_group_keeps_its_method():
     labels = {s.setting.weights.label for s in plan(engine.model, Policy.uniform(precision=f"int4-g{group}-gptq"))
               if s.fallback}
     assert labels and all(label.endswith("-gptq") for label in labels), labels
+
+
+def test_calibration_hessians_are_cached_per_model_and_refused_for_another(tmp_path, monkeypatch):
+    """The first calibrated policy collects every linear layer's Hessian and saves them; the next one (any
+    method, any format) reads the file without running the model; another model's file is refused."""
+    from workbench.formats import hessians
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
+    fqns = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]
+    first = hessians.cached_hessians(engine, fqns, tokens=2048, progress=False)
+    files = list((tmp_path / "hessians").glob("*.safetensors"))
+    assert len(files) == 1
+    fresh = hessians.collect_hessians(engine, fqns, tokens=2048, progress=False)
+    for fqn in fqns:
+        assert torch.equal(first[fqn][0], fresh[fqn][0]) and first[fqn][1] == fresh[fqn][1]
+    monkeypatch.setattr(engine, "forward", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran the model")))
+    again = hessians.cached_hessians(engine, ["model.layers.1.self_attn.o_proj"] + fqns, tokens=2048, progress=False)
+    assert torch.equal(again[fqns[0]][0], first[fqns[0]][0])
+    assert again[fqns[0]][0].data_ptr() == again[fqns[1]][0].data_ptr()  # q and k read one input: one matrix
+    with pytest.raises(PolicyError, match="were made for another model"):
+        hessians.load_hessians(files[0], "0" * 16)

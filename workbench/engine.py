@@ -186,8 +186,8 @@ class Engine:
         fqns = pending_calibrated(self.model, policy, self.store_cache)
         if not fqns:
             return {}
-        from workbench.formats.hessians import collect_hessians
-        return collect_hessians(self, fqns)
+        from workbench.formats.hessians import cached_hessians
+        return cached_hessians(self, fqns)
 
     def reset_stats(self) -> None:
         """Start measuring achieved sparsity and attention recall afresh."""

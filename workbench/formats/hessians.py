@@ -6,12 +6,24 @@ the output error under.
 
 The calibration split of the corpus runs once through the unmodified model (as the activation
 histograms do, `sparsity.calibrate`). Layers that read the same tensor (q/k/v, gate/up) share one matrix.
-Hessians are not cached on disk: at an 8B model's width they are tens of gigabytes; what GPTQ makes from
-them (the packed weights) is (`formats.calibrated`).
+
+`cached_hessians` keeps every linear layer's matrices of a model on disk (one safetensors file in the
+cache, keyed by the model's fingerprint, the corpus, the token count and the window length, with those
+and the versions in its metadata), so GPTQ and imatrix at any format reuse one calibration pass. A file
+made for another model is refused in one line. Models whose matrices exceed `CACHE_MAX_BYTES` (an 8B
+model's are tens of gigabytes) collect only the layers asked for, in memory, every time.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import platform
+from pathlib import Path
+
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from workbench.corpus import load_text, token_windows
 from workbench.errors import PolicyError
@@ -23,12 +35,15 @@ DEFAULT_TOKENS = 8192
 # Fewer tokens per input and H overfits the calibration text: on the default model's layer-6 down_proj
 # (1536 inputs) GPTQ's held-out output error was 1.07x RTN's from 2048 tokens, 0.61x from 8192.
 MIN_TOKENS_PER_INPUT = 4
+CACHE_MAX_BYTES = 2 << 30  # the default model's matrices take ~0.4 GB
+ARTIFACT_FORMAT, ARTIFACT_VERSION = "workbench-hessians", "1"
+log = logging.getLogger(__name__)
 
 
 def collect_hessians(engine, fqns, tokens: int = DEFAULT_TOKENS, seq_len: int = 512, corpus: str | None = None,
-                     progress: bool = True) -> dict[str, tuple[torch.Tensor, int]]:
-    """{fqn: (H float32 (K, K) on the CPU, tokens seen)} for the named linear layers; at least
-    `MIN_TOKENS_PER_INPUT` tokens per input of each, or a PolicyError naming the layer."""
+                     progress: bool = True, check: bool = True) -> dict[str, tuple[torch.Tensor, int]]:
+    """{fqn: (H float32 (K, K) on the CPU, tokens seen)} for the named linear layers; with `check`, at
+    least `MIN_TOKENS_PER_INPUT` tokens per input of each, or a PolicyError naming the layer."""
     wanted = set(fqns)
     targets = [(fqn, m.base if getattr(m, "is_workbench_linear", False) else m)
                for fqn, m, _ in linear_modules(engine.model) if fqn in wanted]
@@ -60,14 +75,85 @@ def collect_hessians(engine, fqns, tokens: int = DEFAULT_TOKENS, seq_len: int = 
         for window in bar(windows, desc="collecting Hessians", unit="window", enabled=progress):
             last["x"] = None
             engine.forward(window[None])
+    on_cpu = {key: h.cpu() for key, h in sums.items()}  # once per shared input
     out = {}
     for fqn, module in targets:
         key = owner.get(fqn)
         if key is None:
             raise PolicyError(f"{fqn} saw no calibration input")
-        k = module.in_features
-        if counts[key] < MIN_TOKENS_PER_INPUT * k:
-            raise PolicyError(f"{fqn}: {counts[key]} calibration tokens for {k} inputs; GPTQ needs at least "
-                              f"{MIN_TOKENS_PER_INPUT * k} (use more calibration text)")
-        out[fqn] = (sums[key].cpu(), counts[key])
+        out[fqn] = (on_cpu[key], counts[key])
+        if check:
+            _check_tokens(fqn, counts[key], module.in_features)
     return out
+
+
+def _check_tokens(fqn: str, count: int, inputs: int) -> None:
+    if count < MIN_TOKENS_PER_INPUT * inputs:
+        raise PolicyError(f"{fqn}: {count} calibration tokens for {inputs} inputs; GPTQ needs at least "
+                          f"{MIN_TOKENS_PER_INPUT * inputs} (use more calibration text)")
+
+
+def cached_hessians(engine, fqns, tokens: int = DEFAULT_TOKENS, seq_len: int = 512, corpus: str | None = None,
+                    progress: bool = True) -> dict[str, tuple[torch.Tensor, int]]:
+    """`collect_hessians` for `fqns`, served from the on-disk cache of all the model's linear layers
+    (collected and saved on first use) when they fit `CACHE_MAX_BYTES`."""
+    from workbench.models import cache_dir
+    from workbench.sparsity.calibration import model_fingerprint
+    everything = [fqn for fqn, m, _ in linear_modules(engine.model)]
+    size = sum(4 * m.in_features ** 2 for _, m, _ in linear_modules(engine.model))  # before sharing: an upper bound
+    if size > CACHE_MAX_BYTES:
+        return collect_hessians(engine, fqns, tokens, seq_len, corpus, progress)
+    text, source = load_text(corpus, "calibration")
+    fingerprint = model_fingerprint(engine.model)
+    meta = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "fingerprint": fingerprint, "corpus": source,
+            "corpus_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "tokens": str(tokens), "seq_len": str(seq_len), "torch": torch.__version__,
+            "python": platform.python_version()}
+    path = cache_dir() / "hessians" / f"{fingerprint}-{tokens}-{seq_len}-{_short_hash(text)}.safetensors"
+    found = load_hessians(path, fingerprint) if path.is_file() else {}
+    if not all(f in found for f in fqns):
+        found = collect_hessians(engine, everything, tokens, seq_len, corpus, progress, check=False)
+        save_hessians(path, found, meta)
+        log.info("calibration Hessians cached at %s", path)
+    modules = dict((fqn, m) for fqn, m, _ in linear_modules(engine.model))
+    for fqn in fqns:
+        if fqn not in found:
+            raise PolicyError(f"no linear layer named {fqn!r} to calibrate")
+        _check_tokens(fqn, found[fqn][1], modules[fqn].in_features)
+    return {f: found[f] for f in fqns}
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def save_hessians(path: Path, hessians: dict[str, tuple[torch.Tensor, int]], meta: dict) -> Path:
+    """One file: each distinct matrix once (shared inputs: q/k/v, gate/up), the readers and token counts
+    in the metadata."""
+    tensors, readers, seen = {}, {}, {}
+    for fqn, (h, count) in hessians.items():
+        owner = seen.setdefault(id(h), fqn)
+        if owner == fqn:
+            tensors[fqn] = h.contiguous()
+        readers[fqn] = [owner, count]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={**meta, "readers": json.dumps(readers)})
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    return path
+
+
+def load_hessians(path: Path, fingerprint: str) -> dict[str, tuple[torch.Tensor, int]]:
+    """The matrices of a cache file, refused in one line when it is not ours or was made for another model."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a corrupt file
+        raise PolicyError(f"calibration Hessians {path} cannot be read: {e}") from None
+    if meta.get("format") != ARTIFACT_FORMAT or meta.get("version") != ARTIFACT_VERSION:
+        raise PolicyError(f"{path} is not a version-{ARTIFACT_VERSION} workbench Hessian file")
+    if meta.get("fingerprint") != fingerprint:
+        raise PolicyError(f"calibration Hessians {path} were made for another model (fingerprint "
+                          f"{meta.get('fingerprint')}, this model is {fingerprint})")
+    return {fqn: (tensors[owner], int(count)) for fqn, (owner, count) in json.loads(meta["readers"]).items()}
