@@ -3,8 +3,10 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from workbench import Engine
+from workbench.policy import parse_precision
 from workbench.widgets import AttentionExplorer, PrecisionTuner, SparsityTuner
 
 
@@ -125,3 +127,20 @@ def test_scheduler_dashboard_plots_a_load_run():
     dash.stop.click()
     dash.wait()
     assert "stopped" in dash.status.value or "wb-idle" in dash.status.value
+
+
+def test_precision_tuner_rounds_with_the_chosen_method(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    tiny = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
+    tuner = PrecisionTuner(tiny, prompt="weights in fewer bits", max_new_tokens=2)
+    tuner.format.value = "int4-g32"
+    tuner.wait()
+    rtn_scale = tiny.model.get_submodule("model.layers.0.mlp.down_proj").store.scale.clone()
+    tuner.method.value = "imatrix"
+    tuner.wait()
+    assert tiny.policy.default.weights == parse_precision("int4-g32-imatrix") and "wb-idle" in tuner.status.value
+    assert not torch.equal(tiny.model.get_submodule("model.layers.0.mlp.down_proj").store.scale, rtn_scale)
+    tuner.format.value = "fp8"  # no calibrated rounding for fp8: one line in the status, the model unchanged
+    tuner.wait()
+    assert "imatrix serves int4/int3/int2 groups, not fp8" in tuner.status.value
+    assert tiny.policy.default.weights == parse_precision("int4-g32-imatrix")

@@ -8,7 +8,7 @@ import ipywidgets as W
 
 from workbench.formats.mixed_precision import with_auto_precision
 from workbench.formats.sensitivity import cached_scan
-from workbench.policy import WEIGHT_FORMATS, Policy, parse_precision
+from workbench.policy import QUANT_METHODS, WEIGHT_FORMATS, Policy, parse_precision
 from workbench.probes import PromptProber
 from workbench.widgets.panel import Panel, metrics_html
 from workbench.widgets.sparsity import DEFAULT_PROMPT
@@ -32,6 +32,10 @@ class PrecisionTuner(Panel):
         self.budget = W.FloatSlider(value=6.0, min=4.5, max=16.0, step=0.25, description="bits/weight",
                                     continuous_update=False, readout_format=".2f")
         self.budget.add_class("wb-budget-slider")
+        # how the chosen formats round: rtn, or a calibrated method (its Hessians collected once, then cached)
+        self.method = W.Dropdown(options=["rtn"] + [m for m in QUANT_METHODS if m != "rtn"], value="rtn",
+                                 description="rounding")
+        self.method.add_class("wb-method")
         n_layers = engine.model.config.num_hidden_layers
         self.layer_formats = [W.Dropdown(options=["(model-wide)"] + list(formats), value="(model-wide)",
                                          description=f"layer {i}", layout=W.Layout(width="230px"))
@@ -49,8 +53,8 @@ class PrecisionTuner(Panel):
                         margin=dict(l=10, r=10, t=40, b=40))))
         figure_box = W.Box([self.figure])
         figure_box.add_class("wb-memory-bar")
-        self._box(W.HBox([self.format, self.budget]), acc, self.metrics, self.text, figure_box)
-        for w in [self.format, self.budget, *self.layer_formats]:
+        self._box(W.HBox([self.format, self.method, self.budget]), acc, self.metrics, self.text, figure_box)
+        for w in [self.format, self.method, self.budget, *self.layer_formats]:
             w.observe(lambda change: self.refresh(), names="value")
         self._work(self._update)
 
@@ -59,11 +63,20 @@ class PrecisionTuner(Panel):
             self.status.value = "<span class='wb-busy'>measuring sensitivity (once, then cached)…</span>"
             return with_auto_precision(Policy.identity(), cached_scan(self.engine, progress=False),
                                        budget_bits=self.budget.value)
-        policy = Policy.uniform(precision=self.format.value)
+        policy = Policy.uniform(precision=self._rounded(self.format.value))
         for i, d in enumerate(self.layer_formats):
             if d.value != "(model-wide)":
-                policy = policy.with_rule(f"model.layers.{i}.*", weights=parse_precision(d.value))
+                policy = policy.with_rule(f"model.layers.{i}.*", weights=parse_precision(self._rounded(d.value)))
         return policy
+
+    def _rounded(self, label: str) -> str:
+        """The format with the chosen rounding method (a format the method cannot serve is refused in
+        the status line, the model unchanged)."""
+        if self.method.value == "rtn" or label == "none":
+            return label
+        if QUANT_METHODS.get(self.method.value).needs_hessian:
+            self.status.value = "<span class='wb-busy'>calibrating (once per model, then cached)…</span>"
+        return f"{label}-{self.method.value}"
 
     def refresh(self) -> bool:
         return self._work(self._update)
