@@ -148,3 +148,21 @@ def test_calibration_hessians_are_cached_per_model_and_refused_for_another(tmp_p
     assert again[fqns[0]][0].data_ptr() == again[fqns[1]][0].data_ptr()  # q and k read one input: one matrix
     with pytest.raises(PolicyError, match="were made for another model"):
         hessians.load_hessians(files[0], "0" * 16)
+
+
+def test_auto_chooses_among_methods_and_takes_the_calibrated_variant_at_equal_bytes(tmp_path, monkeypatch):
+    """The scan measures int4-g32 and int4-g32-gptq per module (one Hessian pass, cached); GPTQ's KLD is
+    lower at the same bytes there, so `auto` spends the budget on the GPTQ variant."""
+    from workbench.formats.mixed_precision import with_auto_precision
+    from workbench.formats.sensitivity import scan
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path))
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
+    s = scan(engine, ["int4-g32", "int4-g32-gptq", "int8"], "module", 64, progress=False)
+    assert all(s.bytes[u]["int4-g32"] == s.bytes[u]["int4-g32-gptq"] for u in s.units)
+    better = [u for u in s.units if s.kld[u]["int4-g32-gptq"] < s.kld[u]["int4-g32"]]
+    assert len(better) > len(s.units) // 2  # measured: GPTQ lowers most modules' KLD
+    engine.reconfigure(with_auto_precision(Policy.identity(), s, budget_bits=4.6))
+    chosen = {m["fqn"]: m for m in engine.stats()["modules"] if m["fqn"] in s.units}
+    assert all(chosen[u]["format"] != "int4-g32" for u in better)  # formats name their method: int4-g32-gptq
+    assert sum(m["format"] == "int4-g32-gptq" for m in chosen.values()) >= len(better) // 2
+    assert torch.isfinite(engine.forward(torch.tensor([[1, 2, 3, 4]]))).all()

@@ -26,6 +26,10 @@ def _policy_from_args(args):
             raise InputError("--precision auto needs --budget-bits B (bits per weight)")
         if args.budget_bits is not None and args.precision != "auto":
             raise InputError("--budget-bits goes with --precision auto")
+        if args.auto_formats is not None and args.precision != "auto":
+            raise InputError("--auto-formats goes with --precision auto")
+        if args.auto_formats is not None:
+            _format_list(args.auto_formats)  # a bad name fails before the model loads
         precision = "none" if args.precision == "auto" else args.precision
         from workbench.policy import QUANT_METHODS
         if args.quant_method is not None and args.quant_method not in QUANT_METHODS:
@@ -48,16 +52,27 @@ def _engine(args):
     policy = _policy_from_args(args)  # validate before the (slow) model load
     engine = Engine.from_pretrained(args.model, policy=policy, device=args.device)
     if getattr(args, "precision", None) == "auto":
-        engine.reconfigure(_auto_precision(engine, policy, args.budget_bits))
+        engine.reconfigure(_auto_precision(engine, policy, args.budget_bits, args.auto_formats))
     return engine
 
 
-def _auto_precision(engine, base, budget_bits: float):
+def _auto_precision(engine, base, budget_bits: float, formats: str | None = None):
     """Measured sensitivity (cached; 14+ minutes the first time on the default model) -> formats under
     the budget, composed with the shorthand policy."""
     from workbench.formats.mixed_precision import with_auto_precision
-    from workbench.formats.sensitivity import cached_scan
-    return with_auto_precision(base, cached_scan(engine, progress=True), budget_bits=budget_bits)
+    from workbench.formats.sensitivity import DEFAULT_FORMATS, cached_scan
+    chosen = DEFAULT_FORMATS if formats is None else _format_list(formats)
+    return with_auto_precision(base, cached_scan(engine, chosen, progress=True), budget_bits=budget_bits)
+
+
+def _format_list(text: str) -> tuple[str, ...]:
+    from workbench.policy import parse_precision
+    names = tuple(f.strip() for f in text.split(",") if f.strip())
+    if not names:
+        raise InputError("--auto-formats needs at least one format")
+    for name in names:
+        parse_precision(name)  # one line for a bad name, before any work
+    return names
 
 
 def cmd_info(args) -> int:

@@ -28,6 +28,9 @@ def _policy_options(p: argparse.ArgumentParser) -> None:
                         "int4/int3/int2 groups and per-row int8) or imatrix (group scales weighted by the corpus's "
                         "activations; groups); same as the precision suffix, e.g. int4-g64-gptq")
     p.add_argument("--budget-bits", type=float, default=None, help="bits per weight for --precision auto")
+    p.add_argument("--auto-formats", default=None,
+                   help="comma-separated formats --precision auto chooses from, methods included (e.g. "
+                        "int4-g64,int4-g64-gptq,int3-g64-gptq,int8); default the sensitivity scan's")
     p.add_argument("--head-precision", default=None,
                    help="weight format for the embedding table and lm_head (default: left as loaded)")
     p.add_argument("--attention", default="dense", help="attention selector NAME[:BUDGET], e.g. dense")
