@@ -173,3 +173,29 @@ def test_every_architecture_runs_sparse(tiny_name, rule, sample_ids):
     assert 0.3 < sp["overall"] < 0.7
     roles = set(sp["by_role"])
     assert roles >= {"o", "gate", "up", "down"}
+
+
+def test_calibrating_under_the_policy_measures_each_layer_as_it_runs(llama_cal):
+    """Round 1 sees the first layer's inputs unchanged (nothing is sparse upstream of them) and every later
+    layer's inputs as the policy's upstream cuts leave them; the engine's policy comes back afterwards."""
+    from workbench.sparsity.calibrate import calibrate_under
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu", calibration=llama_cal)
+    policy = Policy.uniform(sparsity=0.5, rule="threshold")
+    under = calibrate_under(engine, policy, rounds=1, tokens=1024, progress=False)
+    assert engine.policy.is_identity and engine.calibration is llama_cal
+    assert under.meta["under"] == policy.name and under.meta["rounds"] == "1"
+    first, later = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"
+    assert torch.equal(under.for_module(first).hist, llama_cal.for_module(first).hist)
+    assert not torch.equal(under.for_module(later).hist, llama_cal.for_module(later).hist)
+    engine.reconfigure(policy, calibration=under)
+    r = evaluate(engine, max_tokens=512, progress=False)
+    assert abs(r["achieved_sparsity"]["drift"]) < 0.05
+
+
+def test_calibrating_under_a_policy_without_a_calibrated_rule_is_refused():
+    from workbench.sparsity.calibrate import calibrate_under
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
+    with pytest.raises(PolicyError, match="no calibrated sparsity rule"):
+        calibrate_under(engine, Policy.uniform(sparsity=0.5, rule="topk"), progress=False)
+    with pytest.raises(PolicyError, match="at least one round"):
+        calibrate_under(engine, Policy.uniform(sparsity=0.5, rule="threshold"), rounds=0, progress=False)

@@ -171,13 +171,28 @@ def cmd_lab(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from workbench.sparsity.calibrate import calibrate, cached_calibration
+    from workbench.sparsity.calibrate import calibrate, calibrate_under, cached_calibration
     from workbench.engine import Engine
     if args.tokens < 2:
         raise InputError(f"--tokens must be at least 2, got {args.tokens}")
+    under = None
+    if args.under is not None:
+        if not args.out:
+            raise InputError("--under needs --out FILE (the artifact belongs to that policy, not to the model)")
+        if args.greedy:
+            raise InputError("--under and --greedy do not combine (the greedy allocation is measured dense)")
+        if args.rounds < 1:
+            raise InputError(f"--rounds must be at least 1, got {args.rounds}")
+        under = Policy.parse(args.under)
+        from workbench.sparsity.calibration import needs_calibration
+        if not needs_calibration(under)[0]:
+            raise InputError(f"--under {args.under}: the policy has no calibrated sparsity rule (threshold or weighted)")
     engine = Engine.from_pretrained(args.model, device=args.device)
     progress = not args.json
-    if args.out:
+    if under is not None:
+        cal = calibrate_under(engine, under, rounds=args.rounds, tokens=args.tokens, progress=progress)
+        path = cal.save(args.out)
+    elif args.out:
         cal = calibrate(engine, tokens=args.tokens, greedy=args.greedy, progress=progress)
         path = cal.save(args.out)
     else:

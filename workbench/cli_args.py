@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--tokens", type=int, default=16384, help="calibration tokens")
     cal.add_argument("--greedy", action="store_true", help="also run TEAL's block-wise greedy allocation")
     cal.add_argument("--out", default=None, help="artifact path (default: the cache, keyed by model)")
+    cal.add_argument("--under", default=None, metavar="POLICY",
+                     help="calibrate the model as POLICY runs it (a Policy.parse name, e.g. threshold40+int4-g64): "
+                          "each layer's thresholds from the inputs it gets under the policy upstream; needs --out")
+    cal.add_argument("--rounds", type=int, default=2, help="passes under the policy with --under")
     cal.add_argument("--json", action="store_true")
 
     sens = sub.add_parser("sensitivity", help="KLD when one module (or layer) alone is quantized, per format")
