@@ -22,9 +22,8 @@ import platform
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from workbench.artifacts import load_artifact, save_artifact
 from workbench.corpus import load_text, token_windows
 from workbench.errors import PolicyError
 from workbench.progress import progress as bar
@@ -136,23 +135,12 @@ def save_hessians(path: Path, hessians: dict[str, tuple[torch.Tensor, int]], met
         if owner == fqn:
             tensors[fqn] = h.contiguous()
         readers[fqn] = [owner, count]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={**meta, "readers": json.dumps(readers)})
-    tmp.replace(path)  # atomic: a reader never sees half a file
-    return path
+    return save_artifact(path, tensors, {**meta, "readers": json.dumps(readers)})
 
 
 def load_hessians(path: Path, fingerprint: str) -> dict[str, tuple[torch.Tensor, int]]:
     """The matrices of a cache file, refused in one line when it is not ours or was made for another model."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for a corrupt file
-        raise PolicyError(f"calibration Hessians {path} cannot be read: {e}") from None
-    if meta.get("format") != ARTIFACT_FORMAT or meta.get("version") != ARTIFACT_VERSION:
-        raise PolicyError(f"{path} is not a version-{ARTIFACT_VERSION} workbench Hessian file")
+    meta, tensors = load_artifact(path, "calibration Hessians", ARTIFACT_FORMAT, ARTIFACT_VERSION)
     if meta.get("fingerprint") != fingerprint:
         raise PolicyError(f"calibration Hessians {path} were made for another model (fingerprint "
                           f"{meta.get('fingerprint')}, this model is {fingerprint})")

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from workbench.artifacts import load_artifact, save_artifact
 from workbench.errors import PolicyError
 from workbench.policy import BLOCK_ROLES, SPARSITY_RULES
 from workbench.roles import linear_modules
@@ -135,11 +134,7 @@ class Calibration:
         meta = {**self.meta, "format": ARTIFACT_FORMAT, "version": str(ARTIFACT_VERSION),
                 "fingerprint": self.fingerprint, "bins": json.dumps([LOG_MIN, LOG_MAX, BINS]),
                 "greedy": json.dumps(greedy)}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
-        tmp.replace(path)  # atomic: a reader never sees half a file
+        path = save_artifact(path, tensors, meta)
         self.path = str(path)
         return path
 
@@ -148,14 +143,7 @@ class Calibration:
         path = Path(path)
         if not path.is_file():
             raise PolicyError(f"calibration artifact not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises several types for a corrupt file
-            raise PolicyError(f"calibration artifact {path} cannot be read: {e}") from None
-        if meta.get("format") != ARTIFACT_FORMAT or meta.get("version") != str(ARTIFACT_VERSION):
-            raise PolicyError(f"{path} is not a version-{ARTIFACT_VERSION} workbench calibration artifact")
+        meta, tensors = load_artifact(path, "calibration artifact", ARTIFACT_FORMAT, str(ARTIFACT_VERSION))
         if json.loads(meta["bins"]) != [LOG_MIN, LOG_MAX, BINS]:
             raise PolicyError(f"{path} uses another histogram layout; recalibrate")
         greedy = json.loads(meta.pop("greedy", "{}"))
