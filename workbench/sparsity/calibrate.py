@@ -87,21 +87,21 @@ def cached_calibration(engine, greedy: bool = False, progress: bool = True) -> C
     return cal
 
 
-
-
 def calibrate_under(engine, policy, rounds: int = 2, tokens: int = DEFAULT_CALIBRATION_TOKENS, seq_len: int = 512,
                     corpus: str | None = None, progress: bool = True) -> Calibration:
     """The artifact whose thresholds hold their targets in the model as `policy` runs it (see above):
-    `rounds` passes under the policy, starting from the dense calibration. The engine's policy is
-    restored afterwards."""
+    `rounds` passes under the policy, starting from the policy's artifact, else the engine's current
+    calibration, else the cached dense one. The engine's policy and calibration are restored afterwards."""
     if rounds < 1:
         raise PolicyError(f"calibrating under a policy takes at least one round, got {rounds}")
     if not needs_calibration(policy)[0]:
         raise PolicyError(f"policy {policy.name!r} has no calibrated sparsity rule (threshold or weighted) "
                           "to calibrate under")
     saved, saved_cal = engine.policy, engine.calibration
-    cal = cached_calibration(engine, progress=progress) if policy.calibration is None else \
-        Calibration.load(policy.calibration)
+    if policy.calibration is not None:
+        cal = Calibration.load(policy.calibration)
+    else:
+        cal = engine.calibration or cached_calibration(engine, progress=progress)
     bare = dataclasses.replace(policy, calibration=None)
     try:
         for done in range(1, rounds + 1):
