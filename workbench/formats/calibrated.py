@@ -15,12 +15,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from workbench.errors import PolicyError
-from workbench.formats.gptq import gptq_quantize
+from workbench.formats.gptq import gptq_quantize, grouped_bits
 from workbench.formats.imatrix import imatrix_quantize
 from workbench.policy import QUANT_METHODS, WEIGHT_FORMATS, Weights
-
-
-GROUPED = ("int4", "int3", "int2")
 
 
 @dataclass(frozen=True)
@@ -34,7 +31,7 @@ class QuantMethod:
     def validate(self, spec: Weights) -> None:
         if not self.needs_hessian:
             return
-        if not (spec.format in GROUPED or (self.row_int8 and spec.format == "int8" and not spec.group_size)):
+        if not (grouped_bits(spec.format) or (self.row_int8 and spec.format == "int8" and not spec.group_size)):
             served = "int4/int3/int2 groups" + (" and per-row int8" if self.row_int8 else "")
             raise PolicyError(f"{self.name} serves {served}, not {spec.format}"
                               + (f" with blocks of {spec.group_size}" if spec.group_size else ""))

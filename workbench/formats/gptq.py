@@ -24,8 +24,12 @@ import torch
 
 from workbench.errors import PolicyError
 from workbench.formats.quant import pack_bits, quantize_grouped, quantize_int8_channel
+from workbench.policy import WEIGHT_FORMATS
 
-GROUPED_BITS = {"int4": 4, "int3": 3, "int2": 2}
+
+def grouped_bits(fmt: str) -> int | None:
+    """Bits per code of a grouped low-bit format (int4/int3/int2, the registry's `bits`), else None."""
+    return getattr(WEIGHT_FORMATS.get(fmt), "bits", None)
 
 BLOCK = 128
 
@@ -37,7 +41,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, spec, damp: float = 0.
     `static_groups=False` (grouped formats only, and only without act order, where groups are swept in
     their stored order): each group's scale is searched on the group's weights as the sweep reaches it,
     after the error of the columns before it was pushed onto them (GPTQ's original scheme)."""
-    bits = GROUPED_BITS.get(spec.format)
+    bits = grouped_bits(spec.format)
     if not static_groups and (act_order or bits is None):
         raise ValueError("scales found during the sweep need grouped formats in stored order (act_order=False)")
     n, k = w.shape

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from workbench.errors import PolicyError
-from workbench.formats.gptq import GROUPED_BITS
+from workbench.formats.gptq import grouped_bits
 from workbench.formats.quant import quantize_grouped
 
 
@@ -28,7 +28,7 @@ def importance(hessian: torch.Tensor) -> torch.Tensor:
 def imatrix_quantize(w: torch.Tensor, hessian: torch.Tensor, spec, name: str = "a layer") -> dict[str, torch.Tensor]:
     """The format tensors of `w` (N, K): each group's scale chosen for the least importance-weighted
     squared error."""
-    bits = GROUPED_BITS.get(spec.format)
+    bits = grouped_bits(spec.format)
     if bits is None:
         raise PolicyError(f"{name}: imatrix serves int4/int3/int2 groups, not {spec.label}")
     k = w.shape[1]
