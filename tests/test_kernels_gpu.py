@@ -177,6 +177,24 @@ def test_kernels_in_a_captured_decode_step_match_the_reference_paths(policy):
         assert 0.2 < engine.stats()["achieved_sparsity"]["overall"] < 0.8
 
 
+@pytest.mark.parametrize("policy", [dict(precision="int8"), dict(precision="int4-g64"),
+                                    dict(sparsity=0.5, rule="threshold")], ids=["int8", "int4-g64", "threshold50"])
+def test_programmatic_dependent_launch_changes_no_value(policy, monkeypatch):
+    """Every kernel of the step launched with PDL (waiting in hardware for its producer) against plain
+    launches: the same kernels and configs, so the same math."""
+    from workbench import Engine, Policy
+    from workbench.kernels import pdl
+    if not pdl.enabled("cuda"):
+        pytest.skip("PDL needs sm_90 or later")
+    engine = Engine.from_pretrained("synthetic:smollm2-135m", device="cuda", dtype=torch.bfloat16,
+                                    policy=Policy.uniform(**policy))
+    with_pdl = _step_logits(engine, kernels=True, graph=True)
+    monkeypatch.setenv("WORKBENCH_PDL", "0")
+    plain = _step_logits(engine, kernels=True, graph=True)
+    assert (torch.nn.functional.cosine_similarity(with_pdl.float(), plain.float(), dim=-1) > 0.9999).all()
+    assert torch.equal(with_pdl.argmax(-1), plain.argmax(-1))
+
+
 def test_dense_decode_equals_transformers_generate_on_gpu():
     from workbench import Engine
     engine = Engine.from_pretrained("synthetic:tiny-llama", device="cuda", dtype=torch.float32)

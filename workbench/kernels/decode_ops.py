@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from workbench.kernels.pdl import enter, launch_kwargs
+
 
 @dataclass
 class Selection:
@@ -120,7 +122,8 @@ def _mask_and_count(v, valid, keep, threshold, nz0, en0, nz1, en1, nz2, en2, CUT
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, h_ptr, D, eps, keep, threshold, nz0, en0, nz1, en1, nz2, en2,
                         HAS_DELTA: tl.constexpr, CUT: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr,
-                        SB: tl.constexpr):
+                        SB: tl.constexpr, PDL: tl.constexpr):
+    enter(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
@@ -170,13 +173,14 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
     block = triton.next_power_of_2(d)
     _add_rmsnorm_kernel[(rows,)](x, delta if delta is not None else x, weight, out, h, d, float(eps), keep,
                                  threshold, *ptrs, HAS_DELTA=delta is not None, CUT=mode, NC=nc, BLOCK=block,
-                                 SB=select_bits(block), num_warps=warps_for(block))
+                                 SB=select_bits(block), num_warps=warps_for(block), **launch_kwargs(x.device))
     return out, h
 
 
 @triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, stride_g, stride_u, D, keep, threshold, nz0, en0, nz1, en1, nz2, en2, CUT: tl.constexpr,
-                     NC: tl.constexpr, BLOCK: tl.constexpr, SB: tl.constexpr):
+                     NC: tl.constexpr, BLOCK: tl.constexpr, SB: tl.constexpr, PDL: tl.constexpr):
+    enter(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
@@ -203,13 +207,14 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, cut=None, counters=()):
     if gate.stride(-1) != 1 or up.stride(-1) != 1:
         gate, up = gate.contiguous(), up.contiguous()
     _silu_mul_kernel[(rows, triton.cdiv(d, block))](gate, up, out, gate.stride(0), up.stride(0), d, keep, threshold, *ptrs, CUT=mode, NC=nc, BLOCK=block,
-                              SB=select_bits(block), num_warps=warps_for(block))
+                              SB=select_bits(block), num_warps=warps_for(block), **launch_kwargs(gate.device))
     return out
 
 
 @triton.jit
 def _mask_rows_kernel(x_ptr, out_ptr, D, keep, threshold, nz0, en0, nz1, en1, nz2, en2, CUT: tl.constexpr,
-                      NC: tl.constexpr, BLOCK: tl.constexpr, SB: tl.constexpr):
+                      NC: tl.constexpr, BLOCK: tl.constexpr, SB: tl.constexpr, PDL: tl.constexpr):
+    enter(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < D
@@ -229,13 +234,14 @@ def mask_rows(x: torch.Tensor, cut, counters=()) -> torch.Tensor:
     ptrs, nc = _counter_args(counters, out)
     block = triton.next_power_of_2(d)
     _mask_rows_kernel[(rows,)](x, out, d, keep, threshold, *ptrs, CUT=mode, NC=nc, BLOCK=block,
-                               SB=select_bits(block), num_warps=warps_for(block))
+                               SB=select_bits(block), num_warps=warps_for(block), **launch_kwargs(x.device))
     return out
 
 
 @triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, qo_ptr, kc_ptr, vc_ptr, T, stride_q, stride_k,
-                       stride_v, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+                       stride_v, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
+    enter(PDL)
     s = tl.program_id(0)
     head = tl.program_id(1)  # 0..H-1: query heads; H..H+HKV-1: key/value heads
     half = tl.arange(0, D // 2)
@@ -268,5 +274,6 @@ def rope_and_cache(q, k, v, cos, sin, positions, k_cache, v_cache):
     q, k, v = (a if a.stride(2) == 1 and a.stride(1) == d else a.contiguous() for a in (q, k, v))
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _rope_cache_kernel[(s, h + hkv)](q, k, v, cos, sin, positions, q_out, k_cache, v_cache, t, q.stride(0),
-                                     k.stride(0), v.stride(0), H=h, HKV=hkv, D=d, num_warps=1)
+                                     k.stride(0), v.stride(0), H=h, HKV=hkv, D=d, num_warps=1,
+                                     **launch_kwargs(q.device))
     return q_out

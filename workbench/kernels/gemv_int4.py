@@ -34,8 +34,10 @@ import triton.language as tl
 
 from workbench.kernels.layouts import (locks, repack_int4_g, sm_count, split_plan, splits_for, store_tile,
                                        unpack_int4_g, workspace)
+from workbench.kernels.pdl import enter, launch_kwargs, prefetch_l2
 
 MAX_TOKENS = 64
+PREFETCH_STEPS: tl.constexpr = tl.constexpr(4)  # steps per row prefetched before the launch wait (PDL)
 _ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"  # inline PTX conversion (not in the interpreter)
 GROUPS = (32, 64, 128)
 
@@ -167,7 +169,7 @@ def _group_tile(b, xl, xh, s, mn, IS_BF16: tl.constexpr, HAS_MIN: tl.constexpr, 
 def _w4_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, GSTEPS, n_split,
                GROUP: tl.constexpr, HAS_MIN: tl.constexpr, IS_BF16: tl.constexpr, BLOCK_T: tl.constexpr,
                BLOCK_N: tl.constexpr, USE_WS: tl.constexpr, ASM: tl.constexpr, SCALED: tl.constexpr,
-               PAIR: tl.constexpr, TWO: tl.constexpr):
+               PAIR: tl.constexpr, TWO: tl.constexpr, PDL: tl.constexpr):
     """GSTEPS loop steps per split, each of one group (PAIR: two groups); TWO: the tokens as two halves
     sharing the converted weights (SCALED only)."""
     HALF: tl.constexpr = GROUP // 2
@@ -187,6 +189,8 @@ def _w4_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K
     g_lo = g_lo * GPS  # first group of this split
     w_ptrs = q_ptr + rn.to(tl.int64)[:, None] * (K // 2) + g_lo * HALF + offs_j[None, :]
     x_ptrs = x_ptr + offs_h[:, None] * stride_xm + g_lo * GROUP + offs_j[None, :]
+    prefetch_l2(q_ptr + rn.to(tl.int64) * (K // 2) + g_lo * HALF, tl.minimum(n_it, PREFETCH_STEPS) * (GPS * HALF), PDL)
+    enter(PDL)
     t0 = (offs_h < M)[:, None]
     t1 = (offs_h + HT < M)[:, None]
     s0 = tl.load(s_ptr + g_lo * N + rn).to(tl.float32)
@@ -324,7 +328,7 @@ def launch(x: torch.Tensor, packed: dict, cfg: dict, y: torch.Tensor | None = No
                                  steps, n_split, GROUP=group, HAS_MIN=mt is not None,
                                  IS_BF16=x.dtype == torch.bfloat16, BLOCK_T=bt, BLOCK_N=bn, USE_WS=use_ws,
                                  ASM=cfg.get("asm", _ASM), SCALED=scaled, PAIR=pair, TWO=two,
-                                 num_warps=cfg["warps"], num_stages=cfg["stages"])
+                                 num_warps=cfg["warps"], num_stages=cfg["stages"], **launch_kwargs(x.device))
     return y
 
 

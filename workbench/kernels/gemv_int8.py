@@ -23,14 +23,16 @@ import triton
 import triton.language as tl
 
 from workbench.kernels.layouts import locks, sm_count, split_plan, splits_for, store_tile, workspace
+from workbench.kernels.pdl import enter, launch_kwargs, prefetch_l2
 
 MAX_TOKENS = 64
+PREFETCH_STEPS: tl.constexpr = tl.constexpr(4)  # tiles per row prefetched before the launch wait (PDL)
 
 
 @triton.jit(do_not_specialize=["M", "STEPS", "n_split"])
 def _w8_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, STEPS, n_split,
                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_WS: tl.constexpr,
-               EVEN_K: tl.constexpr, TWO: tl.constexpr):
+               EVEN_K: tl.constexpr, TWO: tl.constexpr, PDL: tl.constexpr):
     """TWO: the BLOCK_T tokens as two halves (two mma.sync dots sharing one converted weight tile)
     instead of one wgmma with the converted tile staged through shared memory."""
     HT: tl.constexpr = BLOCK_T // 2 if TWO else BLOCK_T
@@ -46,6 +48,9 @@ def _w8_gemv_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, strid
         n_steps = STEPS
     w_ptrs = q_ptr + rn.to(tl.int64)[:, None] * K + (k_lo + offs_kk)[None, :]
     x_ptrs = x_ptr + offs_h[:, None] * stride_xm + (k_lo + offs_kk)[None, :]
+    if EVEN_K:  # the first PREFETCH_STEPS tiles of each row into L2 while the previous kernel finishes
+        prefetch_l2(q_ptr + rn.to(tl.int64) * K + k_lo, tl.minimum(n_steps, PREFETCH_STEPS) * BLOCK_K, PDL)
+    enter(PDL)
     acc = tl.zeros([HT, BLOCK_N], dtype=tl.float32)
     if TWO:
         acc1 = tl.zeros([HT, BLOCK_N], dtype=tl.float32)
@@ -124,7 +129,7 @@ def launch(x: torch.Tensor, packed: dict, cfg: dict, y: torch.Tensor | None = No
     _w8_gemv_kernel[(tiles, n_split)](x, q, scale, y, ws, lk, m, n, k, x.stride(0), y.stride(0), steps, n_split,
                                  BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk, USE_WS=use_ws, EVEN_K=k % bk == 0,
                                  TWO=bool(cfg.get("two")) and bt >= 32,  # halves of >= 16 tokens
-                                 num_warps=cfg["warps"], num_stages=cfg["stages"])
+                                 num_warps=cfg["warps"], num_stages=cfg["stages"], **launch_kwargs(x.device))
     return y
 
 

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from workbench.kernels.layouts import locks, sm_count, split_plan, splits_for, store_tile, workspace
+from workbench.kernels.pdl import enter, launch_kwargs
 
 MAX_TOKENS = 64
 
@@ -50,7 +51,8 @@ def _as_f32(w):
 @triton.jit(do_not_specialize=["M", "STEPS", "n_split"])
 def _sparse_dot_gemv_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, STEPS,
                        n_split, HAS_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, USE_WS: tl.constexpr, EVEN_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, USE_WS: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -90,7 +92,8 @@ def _sparse_dot_gemv_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr,
 @triton.jit(do_not_specialize=["M", "STEPS", "n_split"])
 def _sparse_fma_gemv_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, STEPS,
                        n_split, HAS_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, USE_WS: tl.constexpr, EVEN_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, USE_WS: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+    enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -145,7 +148,7 @@ def _kept_list(x_ptr, t_ptr, idx_ptr, pid_n, pid_k, n_split, K, SLAB: tl.constex
 @triton.jit(do_not_specialize=["M", "n_split"])
 def _sparse_gather_gemv_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, idx_ptr, M, N, K, stride_xm, stride_ym,
                           n_split, HAS_SCALE: tl.constexpr, SLAB: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, USE_WS: tl.constexpr, MODE: tl.constexpr):
+                          BLOCK_K: tl.constexpr, USE_WS: tl.constexpr, MODE: tl.constexpr, PDL: tl.constexpr):
     """One token. A program takes a slab of SLAB inputs, lists the kept ones, then walks only the kept
     weight rows, BLOCK_K at a time: every loaded byte is used. MODE 0: load then FMA, one chunk in
     flight; MODE 1: the next chunk's rows are loaded before this chunk's FMAs (two in flight, by hand:
@@ -155,6 +158,7 @@ def _sparse_gather_gemv_kernel(x_ptr, t_ptr, w_ptr, s_ptr, y_ptr, ws_ptr, lock_p
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rn = offs_n % N
+    enter(PDL)  # the kept rows depend on x: nothing to prefetch before it is there
     row, count = _kept_list(x_ptr, t_ptr, idx_ptr, pid_n, pid_k, n_split, K, SLAB)
     offs_p = tl.arange(0, BLOCK_K)
     if MODE == 2:
@@ -269,7 +273,7 @@ def launch(x: torch.Tensor, threshold: torch.Tensor, packed: dict, cfg: dict,
     kernel[(tiles, n_split)](x, threshold, wt, wt if scale is None else scale, y, ws, lk, m, n, k, x.stride(0),
                              y.stride(0), steps, n_split, HAS_SCALE=scale is not None, BLOCK_T=bt, BLOCK_N=bn,
                              BLOCK_K=bk, USE_WS=use_ws, EVEN_K=k % bk == 0, num_warps=cfg["warps"],
-                             num_stages=cfg["stages"])
+                             num_stages=cfg["stages"], **launch_kwargs(x.device))
     return y
 
 
@@ -291,8 +295,8 @@ def _launch_gather(x, threshold, packed, cfg, y):
                                             idx, 1, n, k, x.stride(0), y.stride(0), n_split,
                                             HAS_SCALE=scale is not None, SLAB=slab, BLOCK_N=bn,
                                             BLOCK_K=cfg["block_k"], USE_WS=use_ws, MODE=GATHER_MODES[cfg["kind"]],
-                                            num_warps=cfg["warps"],
-                                            num_stages=cfg["stages"])
+                                            num_warps=cfg["warps"], num_stages=cfg["stages"],
+                                            **launch_kwargs(x.device))
     return y
 
 

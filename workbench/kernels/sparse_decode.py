@@ -14,10 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
+from workbench.kernels.pdl import enter, launch_kwargs
+
 
 @triton.jit
 def _index_scores_kernel(q_ptr, w_ptr, k_ptr, len_ptr, out_ptr, T, NB,
-                         H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+                         H: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    enter(PDL)
     b = tl.program_id(0)
     j = tl.program_id(1)
     heads = tl.arange(0, H)
@@ -44,7 +47,8 @@ def index_block_scores(q_index, head_weights, index_keys, seq_lens, block: int) 
     nb = t // block
     out = torch.empty(b, nb, device=q_index.device, dtype=torch.float32)
     _index_scores_kernel[(b, nb)](q_index.contiguous(), head_weights.contiguous(), index_keys.contiguous(),
-                                  seq_lens.contiguous(), out, t, nb, H=h, D=d, BLOCK=block, num_warps=4)
+                                  seq_lens.contiguous(), out, t, nb, H=h, D=d, BLOCK=block, num_warps=4,
+                                  **launch_kwargs(q_index.device))
     return out
 
 
@@ -53,10 +57,11 @@ def _sparse_decode_kernel(q_ptr, k_ptr, v_ptr, blk_ptr, len_ptr, acc_ptr, m_ptr,
                           T, N_SEL, PER_SPLIT, scale, threshold, nz_ptr, en_ptr,
                           HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                           BLOCK: tl.constexpr, SPLITS: tl.constexpr, DENSE: tl.constexpr, CUT: tl.constexpr,
-                          COUNT: tl.constexpr):
+                          COUNT: tl.constexpr, PDL: tl.constexpr):
     """DENSE: every block up to the sequence's own length (no block list; the splits share the blocks
     the sequence has, not the cache's capacity). SPLITS == 1: the normalised output is written directly
     (no merge kernel), with CUT sparsified for the next projection as in `_store_output`."""
+    enter(PDL)
     bh = tl.program_id(0)  # sequence * HKV + kv head
     split = tl.program_id(1)
     b = bh // HKV
@@ -130,10 +135,10 @@ def block_sparse_attention(q, keys, values, blocks, seq_lens, block: int, scale:
     _sparse_decode_kernel[(b * hkv, splits)](q.contiguous(), keys, values, seq_lens if dense else blocks.contiguous(),
                                              seq_lens.contiguous(), acc, m, l, out, t, n_sel, per_split, scale,
                                              t_arg, nz, en, HKV=hkv, G=g, GP=gp, D=d, BLOCK=block, SPLITS=splits,
-                                             DENSE=dense, **cut, num_warps=4)
+                                             DENSE=dense, **cut, num_warps=4, **launch_kwargs(q.device))
     if splits > 1:
         _merge_splits_kernel[(b * hkv,)](acc, m, l, out, t_arg, nz, en, G=g, GP=gp, D=d, SPLITS=splits, **cut,
-                                         num_warps=4)
+                                         num_warps=4, **launch_kwargs(q.device))
     return out
 
 
@@ -155,8 +160,9 @@ def dense_decode_attention(q, keys, values, seq_lens, block: int, scale: float |
 @triton.jit
 def _merge_splits_kernel(acc_ptr, m_ptr, l_ptr, out_ptr, threshold, nz_ptr, en_ptr, G: tl.constexpr,
                          GP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, CUT: tl.constexpr,
-                         COUNT: tl.constexpr):
+                         COUNT: tl.constexpr, PDL: tl.constexpr):
     """Combine the splits' partial softmaxes by log-sum-exp; write the G query heads of one KV head."""
+    enter(PDL)
     bh = tl.program_id(0)
     g = tl.arange(0, GP)
     dims = tl.arange(0, D)

@@ -23,14 +23,15 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin")
 
 
-def _compile(fn, sig, consts, warps, stages, div):
+def _compile(fn, sig, consts, warps, stages, div, pdl=False):
+    consts = {**consts, "PDL": pdl}
     names = list(sig)
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in div}
     sig = dict(sig)
     for c in consts:
         sig[c] = "constexpr"
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages, launch_pdl=pdl))
 
 
 def _sass(c):
@@ -66,6 +67,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", default="all")
     ap.add_argument("--dump", default=None, help="print the SASS of the config whose name contains this")
+    ap.add_argument("--pdl", action="store_true", help="compile the programmatic-dependent-launch variants")
     args = ap.parse_args()
     from workbench.kernels import gemv_int4, gemv_int8, gemv_sparse
     base = {"M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_ym": "i32"}
@@ -103,10 +105,11 @@ def main():
                 for c in {(c["kind"], c["block_n"], c["block_k"], c["warps"], c["stages"], c.get("slab", 0))
                           for c in gemv_sparse.candidates(m, 4096, 4096, wdt == "i8", "cpu")}:
                     kind, bn, bk, w, s, slab = c
-                    if kind == "gather":
+                    if kind in gemv_sparse.GATHER_MODES:
                         gsig = {k_: v for k_, v in sig.items() if k_ != "STEPS"}
                         gsig = dict(list(gsig.items())[:7] + [("idx_ptr", "*i32")] + list(gsig.items())[7:])
-                        consts = dict(HAS_SCALE=wdt == "i8", SLAB=slab, BLOCK_N=bn, BLOCK_K=bk, USE_WS=True)
+                        consts = dict(HAS_SCALE=wdt == "i8", SLAB=slab, BLOCK_N=bn, BLOCK_K=bk, USE_WS=True,
+                                      MODE=gemv_sparse.GATHER_MODES[kind])
                         jobs.append((f"sparse {wdt} gather N{bn} K{bk} w{w} slab{slab}", gemv_sparse._sparse_gather_gemv_kernel,
                                      gsig, consts, w, s, div + ["w_ptr", "s_ptr", "t_ptr", "idx_ptr"],
                                      bn * bk * (1 if wdt == "i8" else 2)))
@@ -118,7 +121,7 @@ def main():
                                  div + ["w_ptr", "s_ptr", "t_ptr"], bn * bk * (1 if wdt == "i8" else 2)))
     for name, fn, sig, consts, w, s, dv, nbytes in jobs:
         try:
-            c = _compile(fn, sig, consts, w, s, dv)
+            c = _compile(fn, sig, consts, w, s, dv, args.pdl)
         except Exception as e:  # noqa: BLE001
             print(f"{name:44s} COMPILE FAILED: {str(e).splitlines()[0][:200]}")
             continue
