@@ -1,4 +1,5 @@
 """`workbench bench`: the policy matrix runs on CPU (small model, short run) and reports what it measured."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -93,3 +94,19 @@ def test_gpu_requests_on_a_cpu_machine(capsys):
 def test_bench_policy_errors_are_one_line_policy_errors():
     with pytest.raises(PolicyError, match="must be below 100%"):
         Policy.parse("topk150")
+
+
+def test_pdl_is_a_gpu_launch_mode(monkeypatch):
+    """Programmatic dependent launch exists only on sm_90+ GPUs: off on a CPU and with WORKBENCH_PDL=0,
+    and `--pdl both` on a CPU times each row once (there is nothing to launch either way)."""
+    from workbench.bench import run_bench
+    if importlib.util.find_spec("triton") is not None:  # the kernels (and this switch) need Triton
+        from workbench.kernels import pdl
+        assert pdl.launch_kwargs("cpu") == {"PDL": False}
+        monkeypatch.setenv("WORKBENCH_PDL", "0")
+        assert not pdl.enabled("cuda:0")
+    result = run_bench("synthetic:tiny-llama", ("dense",), (1,), 8, 4, transformers_baseline=False, device="cpu",
+                       pdl="both")
+    assert [(r["policy"], r["pdl"]) for r in result["rows"]] == [("dense", False)] and result["pdl"] == "n/a"
+    with pytest.raises(Exception, match="--pdl takes one of"):
+        run_bench("synthetic:tiny-llama", ("dense",), (1,), 8, 4, transformers_baseline=False, device="cpu", pdl="x")

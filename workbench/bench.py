@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import resource
 import statistics
 import time
@@ -39,6 +40,7 @@ from workbench.transforms import wrappers
 log = logging.getLogger(__name__)
 
 DEFAULT_POLICIES = ("dense", "int8", "int4-g64", "topk25", "topk40", "topk50", "topk50+int8")
+PDL_MODES = {"on": (True,), "off": (False,), "both": (True, False)}
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Row:
     achieved_sparsity: float | None = None
     graph_ms: float | None = None  # the captured step alone, without the host's token handling
     profile: dict | None = None  # profiling.profile_step's table, with --profile
+    pdl: bool = True  # kernels launched with programmatic dependent launch (`workbench.kernels.pdl`)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -115,7 +118,9 @@ def time_graph(engine, batch: int, capacity: int, reps: int = 20) -> float | Non
     """Milliseconds of one replay of the captured decode step alone (no host work): the GPU's share."""
     runner = engine.runner(batch, capacity)
     with engine.exclusive(), torch.inference_mode():
-        ids = torch.zeros(batch, dtype=torch.long, device=engine.device)
+        # distinct tokens: a batch of one token repeated has one token's sparsity union, a faster step than real
+        ids = torch.randint(0, engine.model.config.vocab_size, (batch,), generator=torch.Generator().manual_seed(2))
+        ids = ids.to(engine.device)
         runner.raw_step(ids)
         if runner.graph is None:
             return None
@@ -167,12 +172,15 @@ def kernel_census(engine) -> dict:
 
 def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_tokens: int = 128,
               new_tokens: int = 64, transformers_baseline: bool = True, device: str | None = None,
-              progress=None, profile: bool = False) -> dict:
+              progress=None, profile: bool = False, pdl: str = "on") -> dict:
     """The whole matrix; returns a JSON-able dict (rows, baseline, roofline, environment); with `profile`,
-    each row's decode step kernel by kernel (`row["profile"]`)."""
+    each row's decode step kernel by kernel (`row["profile"]`). `pdl`: "on" (the default launch), "off",
+    or "both" (every row twice, with and without programmatic dependent launch, side by side)."""
     parsed = [(name, Policy.parse(name)) for name in policies]  # bad names fail before the load
     if any(b < 1 for b in batches):
         raise InputError("batch sizes must be positive")
+    if pdl not in PDL_MODES:
+        raise InputError(f"--pdl takes one of {', '.join(PDL_MODES)}, got {pdl!r}")
     if prompt_tokens < 1 or new_tokens < 3:
         raise InputError("bench needs --prompt-tokens >= 1 and --new-tokens >= 3")
     engine = Engine.from_pretrained(model, device=device)
@@ -184,13 +192,16 @@ def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_toke
     say = progress or (lambda msg: None)
     say(f"{model} on {dev}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     result = {"model": model, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-              "environment": environment(dev, bandwidth), "rows": [], "transformers_eager_ms": None}
+              "environment": environment(dev, bandwidth), "rows": [], "transformers_eager_ms": None,
+              "pdl": pdl if dev.type == "cuda" else "n/a"}
     if transformers_baseline:
         engine.use_decode_loop = False
         result["transformers_eager_ms"] = time_transformers(engine, prompt_tokens, min(new_tokens, 32))
         engine.use_decode_loop = True
         say(f"transformers eager generate: {result['transformers_eager_ms']:.2f} ms/token")
-    for name, policy in parsed:
+    modes = PDL_MODES[pdl] if dev.type == "cuda" else (False,)  # nothing to launch either way on a CPU
+    for name, policy, launch in [(n, p, on) for n, p in parsed for on in modes]:
+        os.environ["WORKBENCH_PDL"] = "1" if launch else "0"  # read at each launch; the graph is recaptured
         engine.reconfigure(policy)
         for batch in batches:
             gc.collect()
@@ -205,11 +216,12 @@ def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_toke
             sparsity = (stats["achieved_sparsity"] or {}).get("overall")
             context = prompt_tokens + new_tokens // 2
             row = Row(name, batch, ms, batch * 1e3 / ms, stats["weight_bytes"], _peak_bytes(dev),
-                      step_bytes(engine, batch, context) / bandwidth * 1e3, kernel_census(engine), sparsity, graph_ms)
+                      step_bytes(engine, batch, context) / bandwidth * 1e3, kernel_census(engine), sparsity, graph_ms,
+                      pdl=launch)
             if profile:
                 row.profile = _profile(engine, batch, cache_capacity(prompt_tokens + new_tokens), context, bandwidth)
             result["rows"].append(asdict(row))
-            say(f"{name:>14} batch {batch}: {ms:7.2f} ms/step  {row.tokens_per_s:8.1f} tok/s  "
+            say(f"{_label(result, asdict(row)):>14} batch {batch}: {ms:7.2f} ms/step  {row.tokens_per_s:8.1f} tok/s  "
                 f"roofline {row.roofline_ms:6.2f} ms" + (f"  graph {graph_ms:6.2f} ms" if graph_ms else "")
                 + (f"  kernels {row.profile['kernel_us'] / 1e3:6.2f} ms + gaps {row.profile['gaps_us'] / 1e3:5.2f} ms"
                    if row.profile and "error" not in row.profile else ""))
@@ -217,6 +229,7 @@ def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_toke
             if fallback:  # said once per policy: these layers decode through the exact reference path
                 say(f"{name:>14} batch {batch}: {fallback} layer(s) have no GPU kernel and keep the reference path")
         engine.invalidate()  # frees the runner's cache before the next policy
+    os.environ.pop("WORKBENCH_PDL", None)
     _summarise(result)
     return result
 
@@ -233,13 +246,18 @@ def _profile(engine, batch: int, capacity: int, context: int, bandwidth: float) 
 
 def _summarise(result: dict) -> None:
     """Speed-ups against dense at the same batch, and dense against the roofline and transformers."""
-    dense = {r["batch"]: r["ms_per_step"] for r in result["rows"] if r["policy"] == "dense"}
-    for r in result["rows"]:
-        if r["batch"] in dense:
-            r["speedup_vs_dense"] = dense[r["batch"]] / r["ms_per_step"]
+    rows = result["rows"]
+    dense = {(r["batch"], r["pdl"]): r["ms_per_step"] for r in rows if r["policy"] == "dense"}
+    plain = {(r["policy"], r["batch"]): r["ms_per_step"] for r in rows if not r["pdl"]}
+    for r in rows:
+        if (r["batch"], r["pdl"]) in dense:  # against dense launched the same way
+            r["speedup_vs_dense"] = dense[r["batch"], r["pdl"]] / r["ms_per_step"]
+        if r["pdl"] and (r["policy"], r["batch"]) in plain:
+            r["pdl_speedup"] = plain[r["policy"], r["batch"]] / r["ms_per_step"]
         r["fraction_of_roofline"] = r["roofline_ms"] / r["ms_per_step"] if r["roofline_ms"] else None
-    if result["transformers_eager_ms"] and 1 in dense:
-        result["dense_speedup_vs_transformers"] = result["transformers_eager_ms"] / dense[1]
+    first = next((r for r in rows if r["policy"] == "dense" and r["batch"] == 1), None)
+    if result["transformers_eager_ms"] and first:
+        result["dense_speedup_vs_transformers"] = result["transformers_eager_ms"] / first["ms_per_step"]
 
 
 def format_table(result: dict) -> str:
@@ -251,7 +269,7 @@ def format_table(result: dict) -> str:
              f"{'roofline':>8} {'of bound':>8} {'weights':>9} {'peak':>9} {'sparsity':>8}"]
     for r in result["rows"]:
         sparsity = "" if r["achieved_sparsity"] is None else f"{r['achieved_sparsity']:.2f}"
-        lines.append(f"{r['policy']:>14} {r['batch']:>5} {r['ms_per_step']:8.2f} {r['tokens_per_s']:9.1f} "
+        lines.append(f"{_label(result, r):>14} {r['batch']:>5} {r['ms_per_step']:8.2f} {r['tokens_per_s']:9.1f} "
                      f"{r.get('speedup_vs_dense', float('nan')):7.2f}x {r['roofline_ms']:8.2f} "
                      f"{100 * (r['fraction_of_roofline'] or 0):7.0f}% {_size(r['weight_bytes']):>9} "
                      f"{_size(r['peak_bytes'] or 0):>9} "
@@ -262,8 +280,13 @@ def format_table(result: dict) -> str:
                         if result.get("dense_speedup_vs_transformers") else ""))
     for r in result["rows"]:
         if r.get("profile"):
-            lines += ["", format_profile(r["profile"], f"{r['policy']}, batch {r['batch']}")]
+            lines += ["", format_profile(r["profile"], f"{_label(result, r)}, batch {r['batch']}")]
     return "\n".join(lines)
+
+
+def _label(result: dict, row: dict) -> str:
+    """The policy, marked ' -pdl' where its kernels were launched plainly on a GPU (`--pdl off|both`)."""
+    return row["policy"] + (" -pdl" if result.get("pdl") in ("off", "both") and not row.get("pdl", True) else "")
 
 
 def _size(n: int) -> str:

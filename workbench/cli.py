@@ -253,7 +253,7 @@ def cmd_bench(args) -> int:
     progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = run_bench(model, policies, batches, args.prompt_tokens, args.new_tokens,
                        transformers_baseline=not args.no_transformers, device=args.device, progress=progress,
-                       profile=args.profile)
+                       profile=args.profile, pdl=args.pdl)
     result["kernels"] = args.kernels
     if args.kernels == "triton" and not cuda:  # said once the run stands, so an error stays one line
         print("workbench: the Triton kernels need a CUDA device; timed the CPU reference paths instead",

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--pdl", choices=("on", "off", "both"), default="on",
+                       help="GPU: launch the decode kernels with programmatic dependent launch (on), plainly (off), "
+                            "or every row both ways side by side (both)")
     bench.add_argument("--kernels", choices=("auto", "triton", "reference"), default="auto",
                        help="Triton kernels on CUDA (auto, triton) or the reference paths everywhere")
     bench.add_argument("--no-transformers", action="store_true", help="skip transformers' eager generate baseline")
