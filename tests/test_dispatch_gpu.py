@@ -130,3 +130,17 @@ def test_a_format_without_a_kernel_falls_back_to_the_reference_and_says_so_once(
         engine.generate(["abc"], max_new_tokens=4)
     lines = [r for r in caplog.records if "reference path" in r.getMessage()]
     assert text and len(lines) == 1, [r.getMessage() for r in lines]
+
+
+def test_the_tuner_times_a_sparse_batch_on_independent_rows():
+    """A warm-up batch is one token repeated (union of one token's kept inputs); the tuner's probe keeps
+    each row's own inputs at the batch's density, so its union is that of a real batch."""
+    from workbench.kernels.dispatch import independent_rows
+    one = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    one[one.abs() < 0.674] = 0  # about half kept
+    batch = one.expand(8, -1).contiguous()
+    probe = independent_rows(batch)
+    assert probe.shape == batch.shape and probe.dtype == batch.dtype
+    assert abs((probe != 0).float().mean().item() - (batch != 0).float().mean().item()) < 0.02
+    assert (batch != 0).any(0).float().mean().item() < 0.55 < 0.95 < (probe != 0).any(0).float().mean().item()
+    assert independent_rows(one) is one
