@@ -1,4 +1,5 @@
-"""Decode speed figure from a `workbench bench` result: ms per step by policy, against the roofline."""
+"""Decode speed figures from `workbench bench` results: ms per step by policy against the roofline, and
+each policy's speed-up over dense (measured in the same run) across batch sizes."""
 from __future__ import annotations
 
 from typing import Mapping
@@ -46,4 +47,39 @@ def speed_figure(result: Mapping, title: str | None = None):
     device = env.get("gpu") or env.get("cpu") or ""
     fig.update_layout(template="plotly_white", yaxis_title="ms per decode step",
                       title=title or f"{result['model']} decode on {device}", legend_title_text="")
+    return fig
+
+
+def speedup_figure(results: list[Mapping], targets: Mapping[str, Mapping[int, float]] | None = None,
+                   title: str | None = None):
+    """One line per compressed policy: speed-up over dense at each batch size, each ratio taken within its
+    own run (`speedup_vs_dense`), so several runs (each with its dense rows) can share the figure. `targets`
+    (policy -> batch -> ratio) draws open markers at the ratios a policy should reach; 1.0 is dense.
+
+    >>> fig = speedup_figure([{"rows": [{"policy": "dense", "batch": 1, "speedup_vs_dense": 1.0},
+    ...                                  {"policy": "int8", "batch": 1, "speedup_vs_dense": 1.5}]}],
+    ...                      {"int8": {1: 1.6}})
+    >>> [t.name for t in fig.data]
+    ['int8', 'int8 target']
+    """
+    import plotly.graph_objects as go
+    rows = [r for res in results for r in res["rows"] if r["policy"] != "dense" and r.get("pdl", True)
+            and r.get("speedup_vs_dense")]
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    fig = go.Figure()
+    for i, policy in enumerate(policies):
+        pts = sorted((r["batch"], r["speedup_vs_dense"]) for r in rows if r["policy"] == policy)
+        color = PALETTE[i % len(PALETTE)]
+        fig.add_trace(go.Scatter(x=[b for b, _ in pts], y=[v for _, v in pts], mode="lines+markers", name=policy, line=dict(color=color),
+                                 hovertemplate=policy + "<br>batch %{x}: %{y:.2f}x dense<extra></extra>"))
+        goal = (targets or {}).get(policy)
+        if goal:
+            fig.add_trace(go.Scatter(x=list(goal), y=list(goal.values()), mode="markers", name=f"{policy} target",
+                                     marker=dict(symbol="circle-open", size=13, color=color, line=dict(width=2)),
+                                     hovertemplate=policy + " target<br>batch %{x}: %{y:.2f}x<extra></extra>"))
+    fig.add_hline(y=1.0, line_dash="dot", line_color="gray", annotation_text="dense", annotation_position="bottom right")
+    fig.update_xaxes(type="log", title="batch size (tokens per decode step)",
+                     tickvals=sorted({r["batch"] for r in rows}))
+    fig.update_layout(template="plotly_white", yaxis_title="speed-up over dense (same run)", legend_title_text="",
+                      title=title or "decode speed-up over dense by batch size")
     return fig
