@@ -99,6 +99,26 @@ def test_int4_split_k_modes_and_fp16(dtype, mode, symmetric):
     assert _rel(y, gemv_int4.reference(x, t)) < TOL
 
 
+@pytest.mark.parametrize("m", TOKENS)
+@pytest.mark.parametrize("group, k", [(64, K), (128, 640)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_weight_as_a_matches_reference(m, group, k, dtype):
+    """The weight-as-A kernel (quarter layout, wgmma with the weight in registers), split and unsplit."""
+    from workbench.kernels import gemv_int4
+    from workbench.kernels.layouts import quarter_unpack
+    from workbench.formats.quant import quantize_int4
+    t = quantize_int4(_weight(k=k, seed=m), group)
+    packed = gemv_int4.pack(t)
+    values = torch.stack((t["q"] & 15, t["q"] >> 4), dim=-1).reshape(N, k)
+    assert torch.equal(quarter_unpack(packed["qq"], group), values)  # same nibbles, new order
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    cands = [c for c in gemv_int4.candidates(m, N, k, group, x.device) if c.get("wa")]
+    assert cands
+    for cfg in (cands[0], dict(cands[-1], split=3)):
+        y = gemv_int4.launch(x, packed, cfg, y=_poisoned(m, N, dtype))
+        assert _rel(y, gemv_int4.reference(x, t)) < TOL, cfg
+
+
 def _cut(x, frac):
     """Per-token threshold keeping a fraction `frac` of |x| (strictly above the cut)."""
     keep = max(1, int(round(frac * x.shape[1])))

@@ -32,14 +32,15 @@ import torch
 import triton
 import triton.language as tl
 
-from workbench.kernels.layouts import (locks, repack_int4_g, sm_count, split_plan, splits_for, store_tile,
-                                       unpack_int4_g, workspace)
+from workbench.kernels.layouts import (locks, quarter_pack, repack_int4_g, sm_count, split_plan, splits_for,
+                                       store_tile, unpack_int4_g, workspace)
 from workbench.kernels.pdl import enter, launch_kwargs, prefetch_l2
 
 MAX_TOKENS = 64
 PREFETCH_STEPS: tl.constexpr = tl.constexpr(4)  # steps per row prefetched before the launch wait (PDL)
 _ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"  # inline PTX conversion (not in the interpreter)
 GROUPS = (32, 64, 128)
+WA_GROUPS = (64, 128)  # the weight-as-A kernel's quarters of a group must be >= 16 inputs (one MMA step)
 
 
 @triton.jit
@@ -249,6 +250,102 @@ def _w4_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K
                USE_WS=USE_WS, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N)
 
 
+@triton.jit
+def _quarters(w, IS_BF16: tl.constexpr, ASM: tl.constexpr):
+    """int16 tile of the quarter layout -> its four nibbles as bf16/fp16 values q - 8 (four tiles of w's
+    shape). ASM: per 32-bit register (two int16), three shifts, four lop3 that OR the exponent bits of 128
+    (bf16) / 1024 (fp16) into two nibbles at once, and four packed subtracts: 11 instructions per 8 weights."""
+    if not ASM:
+        dt = tl.bfloat16 if IS_BF16 else tl.float16
+        w0, w1 = ((w & 15) - 8).to(dt), (((w >> 4) & 15) - 8).to(dt)
+        w2, w3 = (((w >> 8) & 15) - 8).to(dt), (((w >> 12) & 15) - 8).to(dt)
+    elif IS_BF16:
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, m, c, d;
+            mov.b32 m, 0x000F000F; mov.b32 c, 0x43004300; mov.b32 d, 0x43084308;
+            lop3.b32 $0, $4, m, c, 0xEA;
+            shr.b32 t, $4, 4;
+            lop3.b32 $1, t, m, c, 0xEA;
+            shr.b32 t, $4, 8;
+            lop3.b32 $2, t, m, c, 0xEA;
+            shr.b32 t, $4, 12;
+            lop3.b32 $3, t, m, c, 0xEA;
+            sub.rn.bf16x2 $0, $0, d;
+            sub.rn.bf16x2 $1, $1, d;
+            sub.rn.bf16x2 $2, $2, d;
+            sub.rn.bf16x2 $3, $3, d;
+            }""", constraints="=r,=r,=r,=r,r", args=[w], dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
+            is_pure=True, pack=2)
+    else:
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, m, c, d;
+        mov.b32 m, 0x000F000F; mov.b32 c, 0x64006400; mov.b32 d, 0x64086408;
+        lop3.b32 $0, $4, m, c, 0xEA;
+        shr.b32 t, $4, 4;
+        lop3.b32 $1, t, m, c, 0xEA;
+        shr.b32 t, $4, 8;
+        lop3.b32 $2, t, m, c, 0xEA;
+        shr.b32 t, $4, 12;
+        lop3.b32 $3, t, m, c, 0xEA;
+        sub.rn.f16x2 $0, $0, d;
+        sub.rn.f16x2 $1, $1, d;
+        sub.rn.f16x2 $2, $2, d;
+        sub.rn.f16x2 $3, $3, d;
+        }""", constraints="=r,=r,=r,=r,r", args=[w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+        is_pure=True, pack=2)
+    return w0, w1, w2, w3
+
+
+@triton.jit(do_not_specialize=["M", "GSTEPS", "n_split"])
+def _w4_wa_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm, stride_ym, GSTEPS, n_split,
+                  GROUP: tl.constexpr, IS_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                  USE_WS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """The weight as the A operand (symmetric groups of 64 or 128): per group, y^T (BLOCK_N, BLOCK_T) +=
+    W_quarter (BLOCK_N, g/4) x x_quarter^T (g/4, BLOCK_T) for its four quarters. The dequantized weight
+    stays in registers as the register operand of the MMA (wgmma takes A from registers), so it never
+    makes the trip through shared memory that the weight-as-B kernel needs; x^T is the shared-memory
+    operand. Weights in the quarter layout (`quarter_pack`): one int16 holds a row's nibbles for k = j,
+    j + g/4, j + g/2, j + 3g/4 of its group, so a thread's A fragment (two consecutive k) is one 32-bit
+    load that turns into eight weights. The group's scale multiplies the weight in registers."""
+    Q: tl.constexpr = GROUP // 4
+    dt = tl.bfloat16 if IS_BF16 else tl.float16
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n % N
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_j = tl.arange(0, Q)
+    g_lo = pid_k * GSTEPS
+    n_it = K // GROUP - g_lo
+    if n_it > GSTEPS:
+        n_it = GSTEPS
+    row = q_ptr + rn.to(tl.int64) * (K // 4) + g_lo * Q  # int16 elements
+    w_ptrs = row[:, None] + offs_j[None, :]
+    x_ptrs = x_ptr + offs_t[None, :] * stride_xm + g_lo * GROUP + offs_j[:, None]
+    t_mask = (offs_t < M)[None, :]
+    prefetch_l2(row, tl.minimum(n_it, PREFETCH_STEPS) * (2 * Q), PDL)
+    enter(PDL)
+    acc = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+    for i in range(0, n_it):
+        w = tl.load(w_ptrs)
+        sd = tl.load(s_ptr + (g_lo + i) * N + rn).to(dt)[:, None]
+        x0 = tl.load(x_ptrs, mask=t_mask, other=0.0)
+        x1 = tl.load(x_ptrs + Q, mask=t_mask, other=0.0)
+        x2 = tl.load(x_ptrs + 2 * Q, mask=t_mask, other=0.0)
+        x3 = tl.load(x_ptrs + 3 * Q, mask=t_mask, other=0.0)
+        w0, w1, w2, w3 = _quarters(w, IS_BF16, ASM)
+        acc = tl.dot((w0 * sd).to(dt), x0, acc)
+        acc = tl.dot((w1 * sd).to(dt), x1, acc)
+        acc = tl.dot((w2 * sd).to(dt), x2, acc)
+        acc = tl.dot((w3 * sd).to(dt), x3, acc)
+        w_ptrs += Q
+        x_ptrs += GROUP
+    store_tile(tl.trans(acc), y_ptr, ws_ptr, lock_ptr, offs_t, offs_n, M, N, stride_ym, pid_n, pid_k, n_split,
+               USE_WS=USE_WS, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N)
+
+
 def pack(tensors: dict) -> dict:
     """Our int4 tensors -> the kernel layout (same bytes; see the module docstring)."""
     q, scale = tensors["q"], tensors["scale"]
@@ -261,10 +358,13 @@ def pack(tensors: dict) -> dict:
     out = {"qp": repack_int4_g(q, group), "scale_t": scale.to(torch.float16).t().contiguous(), "group": group, "k": k}
     if "min" in tensors:
         out["min_t"] = tensors["min"].to(torch.float16).t().contiguous()
+    elif group in WA_GROUPS:  # the weight-as-A kernel's copy (symmetric only)
+        out["qq"] = quarter_pack(q, group)
     return out
 
 
 def nbytes(packed: dict) -> int:
+    """The bytes one launch reads ("qq" is the same weight in the weight-as-A layout)."""
     return sum(packed[key].numel() * packed[key].element_size() for key in ("qp", "scale_t", "min_t") if key in packed)
 
 
@@ -304,10 +404,18 @@ def candidates(m: int, n: int, k: int, group: int, device, asym: bool = False) -
         sp = splits_for(tiles, steps, sms)
         sp.sort(key=lambda s_: abs(tiles * s_ - 2 * sms))
         out += [dict(block_n=bn, warps=w, stages=s, split=s_, scaled=scaled, pair=pr, two=two) for s_ in sp]
+    if not asym and group in WA_GROUPS:  # weight as A, after the untuned default: (block_n, warps, stages)
+        for bn, w, s in ((128, 4, 4), (256, 8, 4), (256, 4, 3)) if bt <= 32 else ((128, 4, 3), (256, 8, 3)):
+            tiles = triton.cdiv(n, bn)
+            sp = splits_for(tiles, k // group, sms)
+            sp.sort(key=lambda s_: abs(tiles * s_ - 2 * sms))
+            out += [dict(wa=True, block_n=bn, warps=w, stages=s, split=s_) for s_ in sp[:3]]
     return out
 
 
 def launch(x: torch.Tensor, packed: dict, cfg: dict, y: torch.Tensor | None = None) -> torch.Tensor:
+    if cfg.get("wa"):
+        return _launch_wa(x, packed, cfg, y)
     qp, st = packed["qp"], packed["scale_t"]
     mt = packed.get("min_t")
     group = packed["group"]
@@ -329,6 +437,25 @@ def launch(x: torch.Tensor, packed: dict, cfg: dict, y: torch.Tensor | None = No
                                  IS_BF16=x.dtype == torch.bfloat16, BLOCK_T=bt, BLOCK_N=bn, USE_WS=use_ws,
                                  ASM=cfg.get("asm", _ASM), SCALED=scaled, PAIR=pair, TWO=two,
                                  num_warps=cfg["warps"], num_stages=cfg["stages"], **launch_kwargs(x.device))
+    return y
+
+
+def _launch_wa(x: torch.Tensor, packed: dict, cfg: dict, y: torch.Tensor | None = None) -> torch.Tensor:
+    qq, st, group = packed["qq"], packed["scale_t"], packed["group"]
+    m, k = x.shape
+    n = qq.shape[0]
+    bt, bn = block_t(m), cfg["block_n"]
+    steps, n_split = split_plan(k // group, cfg["split"])
+    tiles = triton.cdiv(n, bn)
+    if y is None:
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    use_ws = n_split > 1
+    ws = workspace(x.device, tiles * n_split * bt * bn) if use_ws else y
+    lk = locks(x.device, tiles) if use_ws else y
+    _w4_wa_kernel[(tiles, n_split)](x, qq, st, y, ws, lk, m, n, k, x.stride(0), y.stride(0), steps, n_split,
+                                    GROUP=group, IS_BF16=x.dtype == torch.bfloat16, BLOCK_T=bt, BLOCK_N=bn,
+                                    USE_WS=use_ws, ASM=cfg.get("asm", _ASM), num_warps=cfg["warps"],
+                                    num_stages=cfg["stages"], **launch_kwargs(x.device))
     return y
 
 

@@ -37,6 +37,25 @@ def unpack_int4_g(qp: torch.Tensor, group: int) -> torch.Tensor:
     return torch.cat((g & 0x0F, g >> 4), dim=-1).reshape(n, k)
 
 
+def quarter_pack(q: torch.Tensor, group: int) -> torch.Tensor:
+    """(N, K/2) uint8, even k low nibble -> (N, K/4) int16, per group of g: element j holds the nibbles of
+    k = j, j + g/4, j + g/2, j + 3g/4 at bits 0, 4, 8, 12 (the weight-as-A kernel's layout; same bytes)."""
+    n, kb = q.shape
+    k = 2 * kb
+    quarter = group // 4
+    v = torch.stack((q & 0x0F, q >> 4), dim=-1).reshape(n, k // group, 4, quarter).to(torch.int32)
+    word = v[:, :, 0] | (v[:, :, 1] << 4) | (v[:, :, 2] << 8) | (v[:, :, 3] << 12)  # 0..65535
+    return torch.where(word >= 32768, word - 65536, word).to(torch.int16).reshape(n, k // 4).contiguous()
+
+
+def quarter_unpack(qq: torch.Tensor, group: int) -> torch.Tensor:
+    """The inverse of `quarter_pack`, unpacked: (N, K) uint8 values in k order."""
+    n, kq = qq.shape
+    k = 4 * kq
+    w = qq.to(torch.int32).reshape(n, k // group, 1, group // 4) & 0xFFFF
+    return ((w >> torch.tensor([0, 4, 8, 12], dtype=torch.int32).reshape(1, 1, 4, 1)) & 0x0F).to(torch.uint8).reshape(n, k)
+
+
 # ---- split-K workspace ------------------------------------------------------------------------------------------
 _WS: dict = {}
 _LOCKS: dict = {}

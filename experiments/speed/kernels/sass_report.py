@@ -89,7 +89,7 @@ def main():
                "lock_ptr": "*i32", **base, "GSTEPS": "i32", "n_split": "i32"}
         for m in (1, 32, 64):
             for cfg in {(c["block_n"], c["warps"], c["stages"], c["scaled"], c["pair"], c["two"])
-                        for c in gemv_int4.candidates(m, 4096, 4096, 64, "cpu")}:
+                        for c in gemv_int4.candidates(m, 4096, 4096, 64, "cpu") if not c.get("wa")}:
                 bn, w, s, scaled, pair, two = cfg
                 for has_min in (False,):
                     consts = dict(GROUP=64, HAS_MIN=has_min, IS_BF16=True, BLOCK_T=gemv_int4.block_t(m), BLOCK_N=bn, USE_WS=True,
@@ -97,6 +97,15 @@ def main():
                     jobs.append((f"int4 T{consts['BLOCK_T']} N{bn} w{w} s{s} sc{int(scaled)} pr{int(pair)} two{int(consts['TWO'])}",
                                  gemv_int4._w4_gemv_kernel, sig, consts, w, s, div + ["q_ptr", "s_ptr", "m_ptr"],
                                  bn * 32 * (2 if pair else 1)))
+        wsig = {k_: v for k_, v in sig.items() if k_ != "m_ptr"} | {"q_ptr": "*i16"}
+        for m in (1, 32, 64):
+            for c in [c for c in gemv_int4.candidates(m, 4096, 4096, 64, "cpu") if c.get("wa")]:
+                consts = dict(GROUP=64, IS_BF16=True, BLOCK_T=gemv_int4.block_t(m), BLOCK_N=c["block_n"], USE_WS=True,
+                              ASM=True)
+                name = f"int4 weight-as-A T{consts['BLOCK_T']} N{c['block_n']} w{c['warps']} s{c['stages']}"
+                if name not in {j[0] for j in jobs}:
+                    jobs.append((name, gemv_int4._w4_wa_kernel, wsig, consts, c["warps"], c["stages"],
+                                 div + ["q_ptr", "s_ptr"], c["block_n"] * 32))
     if args.family in ("all", "sparse"):
         for wdt in ("bf16", "i8"):
             sig = {"x_ptr": "*bf16", "t_ptr": "*fp32", "w_ptr": f"*{wdt}", "s_ptr": "*fp32", "y_ptr": "*bf16", "ws_ptr": "*fp32",
