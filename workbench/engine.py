@@ -30,6 +30,7 @@ from workbench.errors import InputError, PolicyError
 from workbench.memory import ReleasedOriginals, release_freed_memory
 from workbench.models import LoadedModel, load, model_summary
 from workbench.policy import Policy
+from workbench.roles import linear_modules
 from workbench.runtime import hf
 from workbench.runtime.cache import cache_capacity
 from workbench.runtime.decoder import concatenate_projections, unsupported_reason
@@ -186,8 +187,23 @@ class Engine:
         fqns = pending_calibrated(self.model, policy, self.store_cache)
         if not fqns:
             return {}
+        from workbench.formats.calibrated import calibrated_as_run
         from workbench.formats.hessians import cached_hessians
-        return cached_hessians(self, fqns)
+        settings = {fqn: policy.setting_for(fqn, role) for fqn, _, role in linear_modules(self.model)}
+        as_run = [f for f in fqns if calibrated_as_run(settings[f])]
+        dense = [f for f in fqns if f not in as_run]
+        out = cached_hessians(self, dense) if dense else {}
+        if as_run:
+            out.update(self._hessians_as_run(policy, as_run))
+        return out
+
+    def _hessians_as_run(self, policy: Policy, fqns: list[str]) -> dict:
+        """Hessians of the inputs `fqns` get under `policy`'s sparsity (weights as loaded): the model is
+        put under the policy without its weight formats, run over the calibration text, and left for
+        `reconfigure` to finish. Collected each time (they depend on the cut), not cached on disk."""
+        from workbench.formats.hessians import collect_hessians
+        apply_policy(self.model, policy.without_weights(), self.calibration, self.store_cache)
+        return collect_hessians(self, fqns, sparsified=True)
 
     def reset_stats(self) -> None:
         """Start measuring achieved sparsity and attention recall afresh."""

@@ -78,6 +78,9 @@ class Weights:
     group_size: int | None = None
     symmetric: bool = True
     method: str = "rtn"  # how the weights are rounded: QUANT_METHODS (rtn: nearest; gptq: calibrated)
+    # a calibrated method sees the inputs the layer gets as the policy runs (sparsified where the layer is);
+    # True: the unmodified model's dense inputs instead (to compare, or to share one calibration)
+    calibrate_dense: bool = False
 
     def __post_init__(self):
         entry = WEIGHT_FORMATS.get(self.format)
@@ -86,6 +89,8 @@ class Weights:
             raise PolicyError(f"weights.group_size must be a positive integer, got {self.group_size!r}")
         _validate_entry(entry, self)
         _validate_entry(QUANT_METHODS.get(self.method), self)
+        if self.calibrate_dense and not QUANT_METHODS.get(self.method).needs_hessian:
+            raise PolicyError(f"calibrate_dense goes with a calibrated method (gptq, imatrix), not {self.method}")
 
     @property
     def is_identity(self) -> bool:
@@ -96,7 +101,8 @@ class Weights:
         """Short name as the CLI spells it: ``int4-g64``, ``int8-block64``, ``none``."""
         entry = WEIGHT_FORMATS.get(self.format)
         label = entry.label(self) if hasattr(entry, "label") else self.format
-        return label if self.method == "rtn" else f"{label}-{self.method}"
+        label = label if self.method == "rtn" else f"{label}-{self.method}"
+        return label + ("-densecal" if self.calibrate_dense else "")
 
 
 @dataclass(frozen=True)
@@ -217,6 +223,13 @@ class Policy:
 
     def settings(self) -> list[Setting]:
         return [self.default] + [r.setting for r in self.rules]
+
+    def without_weights(self) -> "Policy":
+        """The same policy with every weight format dropped (sparsity and attention kept)."""
+        strip = lambda s: dataclasses.replace(s, weights=Weights())  # noqa: E731
+        return dataclasses.replace(self, default=strip(self.default),
+                                   rules=tuple(dataclasses.replace(r, setting=strip(r.setting)) for r in self.rules),
+                                   name=f"{self.name} (sparsity only)")
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -427,7 +440,7 @@ def parse_precision(text: str) -> Weights:
     if not isinstance(text, str) or not text:
         raise PolicyError(f"precision must be a format name, got {text!r}")
     parts = text.split("-")
-    name, group, symmetric, method = parts[0], None, True, "rtn"
+    name, group, symmetric, method, dense = parts[0], None, True, "rtn", False
     for part in parts[1:]:
         m = re.fullmatch(r"(g|block)(\d+)", part)
         if m:
@@ -436,11 +449,13 @@ def parse_precision(text: str) -> Weights:
             symmetric = False
         elif part in QUANT_METHODS:
             method = part
+        elif part == "densecal":
+            dense = True
         else:
-            raise PolicyError(f"cannot parse precision {text!r}: expected NAME[-gN|-blockN][-asym][-METHOD], "
+            raise PolicyError(f"cannot parse precision {text!r}: expected NAME[-gN|-blockN][-asym][-METHOD[-densecal]], "
                               f"NAME one of {', '.join(WEIGHT_FORMATS.names())}, METHOD one of "
                               f"{', '.join(QUANT_METHODS)}")
-    return Weights(format=name, group_size=group, symmetric=symmetric, method=method)
+    return Weights(format=name, group_size=group, symmetric=symmetric, method=method, calibrate_dense=dense)
 
 
 def parse_attention(text: str) -> Attention:

@@ -22,6 +22,7 @@ from torch import nn
 
 from workbench.attention.install import dense_attention, set_layer_selectors
 from workbench.errors import PolicyError
+from workbench.formats.calibrated import store_key
 from workbench.layers import SharedInputCache, WorkbenchEmbedding, WorkbenchLinear, check_setting
 from workbench.policy import QUANT_METHODS, WEIGHT_FORMATS, Policy, Setting
 from workbench.roles import attention_modules, embedding_modules, linear_modules
@@ -55,7 +56,8 @@ def plan(model: nn.Module, policy: Policy) -> list[PlannedModule]:
             continue
         step = _fitted(_base(module), fqn, "embed", setting, model_wide)
         if QUANT_METHODS.get(step.setting.weights.method).needs_hessian:  # a lookup has no inputs to weigh
-            rtn = dataclasses.replace(step.setting, weights=dataclasses.replace(step.setting.weights, method="rtn"))
+            rtn = dataclasses.replace(step.setting, weights=dataclasses.replace(step.setting.weights, method="rtn",
+                                                                                 calibrate_dense=False))
             step = PlannedModule(fqn, "embed", rtn, f"{step.setting.weights.label} -> {rtn.weights.label} "
                                                     "(an embedding table has no inputs to calibrate on)")
         planned.append(step)
@@ -142,7 +144,7 @@ def _replacement(module: nn.Module, step: PlannedModule, cal: Any, stores: dict,
         return base
     if _is_wrapper(module) and module.setting == step.setting and getattr(module, "calibration", None) is cal:
         return module
-    key = (base.weight.data_ptr(), step.setting.weights)
+    key = store_key(base, step.setting)
     shared = stores.get(key) if not step.setting.weights.is_identity else None
     method = QUANT_METHODS.get(step.setting.weights.method)
     if shared is None and method.needs_hessian and step.role != "embed":

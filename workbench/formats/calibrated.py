@@ -54,6 +54,21 @@ def needs_hessians(policy) -> bool:
     return any(QUANT_METHODS.get(s.weights.method).needs_hessian for s in settings)
 
 
+def calibrated_as_run(setting) -> bool:
+    """True when the layer's calibrated method must see its inputs as the policy runs them: the layer is
+    also sparsified (and `weights.calibrate_dense` is not set), so its Hessian comes from the sparsified
+    inputs and the rounding error is compensated for the inputs that survive the cut."""
+    return (QUANT_METHODS.get(setting.weights.method).needs_hessian and not setting.sparsity.is_identity
+            and not setting.weights.calibrate_dense)
+
+
+def store_key(base, setting) -> tuple:
+    """The key a packed weight is remembered under: (weight storage, format), and the sparsity too when the
+    weight was calibrated on sparsified inputs (another cut gives another weight)."""
+    key = (base.weight.data_ptr(), setting.weights)
+    return key + (repr(setting.sparsity),) if calibrated_as_run(setting) else key  # Sparsity holds a dict
+
+
 def pending_calibrated(model, policy, store_cache: dict | None) -> list[str]:
     """The linear layers `policy` quantizes with a calibrated method whose packed weight is not in
     `store_cache` yet (what a Hessian must be collected for)."""
@@ -63,7 +78,7 @@ def pending_calibrated(model, policy, store_cache: dict | None) -> list[str]:
         if step.role == "embed" or not QUANT_METHODS.get(step.setting.weights.method).needs_hessian:
             continue
         base = base_of(model.get_submodule(step.fqn))
-        if (store_cache or {}).get((base.weight.data_ptr(), step.setting.weights)) is None:
+        if (store_cache or {}).get(store_key(base, step.setting)) is None:
             out.append(step.fqn)
     return out
 

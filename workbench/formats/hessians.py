@@ -15,6 +15,7 @@ model's are tens of gigabytes) collect only the layers asked for, in memory, eve
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -40,12 +41,20 @@ log = logging.getLogger(__name__)
 
 
 def collect_hessians(engine, fqns, tokens: int = DEFAULT_TOKENS, seq_len: int = 512, corpus: str | None = None,
-                     progress: bool = True, check: bool = True) -> dict[str, tuple[torch.Tensor, int]]:
+                     progress: bool = True, check: bool = True,
+                     sparsified: bool = False) -> dict[str, tuple[torch.Tensor, int]]:
     """{fqn: (H float32 (K, K) on the CPU, tokens seen)} for the named linear layers; with `check`, at
-    least `MIN_TOKENS_PER_INPUT` tokens per input of each, or a PolicyError naming the layer."""
+    least `MIN_TOKENS_PER_INPUT` tokens per input of each, or a PolicyError naming the layer.
+
+    `sparsified`: the model runs as the engine's current policy has it (sparsified upstream), and each
+    layer's H is of its input after its own sparsity rule, the input its weight really multiplies;
+    otherwise the unmodified model's inputs."""
     wanted = set(fqns)
-    targets = [(fqn, m.base if getattr(m, "is_workbench_linear", False) else m)
+    targets = [(fqn, m if sparsified else (m.base if getattr(m, "is_workbench_linear", False) else m))
                for fqn, m, _ in linear_modules(engine.model) if fqn in wanted]
+    if sparsified and any(getattr(m, "sparsifier", None) is None for _, m in targets):
+        raise PolicyError(f"{next(f for f, m in targets if getattr(m, 'sparsifier', None) is None)} has no "
+                          "sparsity rule to calibrate under")
     if len(targets) != len(wanted):
         missing = sorted(wanted - {fqn for fqn, _ in targets})
         raise PolicyError(f"no linear layer named {missing[0]!r} to calibrate")
@@ -57,7 +66,9 @@ def collect_hessians(engine, fqns, tokens: int = DEFAULT_TOKENS, seq_len: int = 
     last: dict = {"x": None, "key": None}
 
     def record(fqn, module, x):
-        if x is last["x"]:  # the same tensor as the previous layer's input: q/k/v, gate/up
+        if sparsified:  # each layer's own cut: no two layers share the sparsified input
+            x = module.sparsifier.fn(x)
+        elif x is last["x"]:  # the same tensor as the previous layer's input: q/k/v, gate/up
             owner[fqn] = last["key"]
             return
         key = id(module)
@@ -70,7 +81,7 @@ def collect_hessians(engine, fqns, tokens: int = DEFAULT_TOKENS, seq_len: int = 
         owner[fqn] = key
         last["x"], last["key"] = x, key
 
-    with input_hooks(targets, record), engine.reference():
+    with input_hooks(targets, record), (contextlib.nullcontext() if sparsified else engine.reference()):
         for window in bar(windows, desc="collecting Hessians", unit="window", enabled=progress):
             last["x"] = None
             engine.forward(window[None])
