@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from workbench.kernels.layouts import (locks, quarter_pack, repack_int4_g, sm_count, split_plan, splits_for,
-                                       store_tile, unpack_int4_g, workspace)
+from workbench.kernels.layouts import (quarter_pack, repack_int4_g, sm_count, split_outputs, split_plan, splits_for,
+                                       store_tile, unpack_int4_g)
 from workbench.kernels.pdl import enter, launch_kwargs, prefetch_l2
 
 MAX_TOKENS = 64
@@ -250,6 +250,20 @@ def _w4_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K
                USE_WS=USE_WS, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N)
 
 
+def _quarters_asm(one: str, one_plus_8: str, sub: str) -> str:
+    """PTX for `_quarters`: per 32-bit register (two int16), the four nibbles of each half OR-ed into the
+    exponent bits of `one` (128 in bf16 / 1024 in fp16: exactly 128 + q), then `one_plus_8` subtracted."""
+    steps = "".join(f"shr.b32 t, $4, {4 * i};\nlop3.b32 ${i}, t, m, c, 0xEA;\n" for i in range(1, 4))
+    subs = "".join(f"{sub} ${i}, ${i}, d;\n" for i in range(4))
+    return ("{\n.reg .b32 t, m, c, d;\n"
+            f"mov.b32 m, 0x000F000F; mov.b32 c, {one}; mov.b32 d, {one_plus_8};\n"
+            "lop3.b32 $0, $4, m, c, 0xEA;\n" + steps + subs + "}")
+
+
+_QUARTERS_BF16: tl.constexpr = tl.constexpr(_quarters_asm("0x43004300", "0x43084308", "sub.rn.bf16x2"))
+_QUARTERS_FP16: tl.constexpr = tl.constexpr(_quarters_asm("0x64006400", "0x64086408", "sub.rn.f16x2"))
+
+
 @triton.jit
 def _quarters(w, IS_BF16: tl.constexpr, ASM: tl.constexpr):
     """int16 tile of the quarter layout -> its four nibbles as bf16/fp16 values q - 8 (four tiles of w's
@@ -260,41 +274,11 @@ def _quarters(w, IS_BF16: tl.constexpr, ASM: tl.constexpr):
         w0, w1 = ((w & 15) - 8).to(dt), (((w >> 4) & 15) - 8).to(dt)
         w2, w3 = (((w >> 8) & 15) - 8).to(dt), (((w >> 12) & 15) - 8).to(dt)
     elif IS_BF16:
-        w0, w1, w2, w3 = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t, m, c, d;
-            mov.b32 m, 0x000F000F; mov.b32 c, 0x43004300; mov.b32 d, 0x43084308;
-            lop3.b32 $0, $4, m, c, 0xEA;
-            shr.b32 t, $4, 4;
-            lop3.b32 $1, t, m, c, 0xEA;
-            shr.b32 t, $4, 8;
-            lop3.b32 $2, t, m, c, 0xEA;
-            shr.b32 t, $4, 12;
-            lop3.b32 $3, t, m, c, 0xEA;
-            sub.rn.bf16x2 $0, $0, d;
-            sub.rn.bf16x2 $1, $1, d;
-            sub.rn.bf16x2 $2, $2, d;
-            sub.rn.bf16x2 $3, $3, d;
-            }""", constraints="=r,=r,=r,=r,r", args=[w], dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16),
-            is_pure=True, pack=2)
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(_QUARTERS_BF16, "=r,=r,=r,=r,r", [w], dtype=(tl.bfloat16,) * 4,
+                                                   is_pure=True, pack=2)
     else:
-        w0, w1, w2, w3 = tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 t, m, c, d;
-        mov.b32 m, 0x000F000F; mov.b32 c, 0x64006400; mov.b32 d, 0x64086408;
-        lop3.b32 $0, $4, m, c, 0xEA;
-        shr.b32 t, $4, 4;
-        lop3.b32 $1, t, m, c, 0xEA;
-        shr.b32 t, $4, 8;
-        lop3.b32 $2, t, m, c, 0xEA;
-        shr.b32 t, $4, 12;
-        lop3.b32 $3, t, m, c, 0xEA;
-        sub.rn.f16x2 $0, $0, d;
-        sub.rn.f16x2 $1, $1, d;
-        sub.rn.f16x2 $2, $2, d;
-        sub.rn.f16x2 $3, $3, d;
-        }""", constraints="=r,=r,=r,=r,r", args=[w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-        is_pure=True, pack=2)
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(_QUARTERS_FP16, "=r,=r,=r,=r,r", [w], dtype=(tl.float16,) * 4,
+                                                   is_pure=True, pack=2)
     return w0, w1, w2, w3
 
 
@@ -351,7 +335,7 @@ def pack(tensors: dict) -> dict:
     q, scale = tensors["q"], tensors["scale"]
     if q.dtype != torch.uint8 or q.dim() != 2 or scale.dim() != 2 or scale.shape[0] != q.shape[0]:
         raise ValueError("gemv_int4.pack needs q uint8 (N, K/2) and scale (N, K/g)")
-    n, k = q.shape[0], 2 * q.shape[1]
+    k = 2 * q.shape[1]
     group = k // scale.shape[1]
     if group not in GROUPS or k % group:
         raise ValueError(f"gemv_int4 supports groups {GROUPS} dividing K, got K={k}, group={group}")
@@ -427,11 +411,7 @@ def launch(x: torch.Tensor, packed: dict, cfg: dict, y: torch.Tensor | None = No
     two = bool(cfg.get("two")) and scaled and bt >= 32
     steps, n_split = split_plan((k // group) // (2 if pair else 1), cfg["split"])
     tiles = triton.cdiv(n, bn)
-    if y is None:
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    use_ws = n_split > 1
-    ws = workspace(x.device, tiles * n_split * bt * bn) if use_ws else y
-    lk = locks(x.device, tiles) if use_ws else y
+    y, ws, lk, use_ws = split_outputs(x, m, n, tiles, n_split, bt, bn, y)
     _w4_gemv_kernel[(tiles, n_split)](x, qp, st, st if mt is None else mt, y, ws, lk, m, n, k, x.stride(0), y.stride(0),
                                  steps, n_split, GROUP=group, HAS_MIN=mt is not None,
                                  IS_BF16=x.dtype == torch.bfloat16, BLOCK_T=bt, BLOCK_N=bn, USE_WS=use_ws,
@@ -447,11 +427,7 @@ def _launch_wa(x: torch.Tensor, packed: dict, cfg: dict, y: torch.Tensor | None 
     bt, bn = block_t(m), cfg["block_n"]
     steps, n_split = split_plan(k // group, cfg["split"])
     tiles = triton.cdiv(n, bn)
-    if y is None:
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    use_ws = n_split > 1
-    ws = workspace(x.device, tiles * n_split * bt * bn) if use_ws else y
-    lk = locks(x.device, tiles) if use_ws else y
+    y, ws, lk, use_ws = split_outputs(x, m, n, tiles, n_split, bt, bn, y)
     _w4_wa_kernel[(tiles, n_split)](x, qq, st, y, ws, lk, m, n, k, x.stride(0), y.stride(0), steps, n_split,
                                     GROUP=group, IS_BF16=x.dtype == torch.bfloat16, BLOCK_T=bt, BLOCK_N=bn,
                                     USE_WS=use_ws, ASM=cfg.get("asm", _ASM), num_warps=cfg["warps"],

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from workbench.kernels.layouts import locks, sm_count, split_plan, splits_for, store_tile, workspace
+from workbench.kernels.layouts import sm_count, split_outputs, split_plan, splits_for, store_tile
 from workbench.kernels.pdl import enter, launch_kwargs, prefetch_l2
 
 MAX_TOKENS = 64
@@ -121,11 +121,7 @@ def launch(x: torch.Tensor, packed: dict, cfg: dict, y: torch.Tensor | None = No
     bt, bn, bk = block_t(m), cfg["block_n"], cfg["block_k"]
     steps, n_split = split_plan(triton.cdiv(k, bk), cfg["split"])
     tiles = triton.cdiv(n, bn)
-    if y is None:
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    use_ws = n_split > 1
-    ws = workspace(x.device, tiles * n_split * bt * bn) if use_ws else y
-    lk = locks(x.device, tiles) if use_ws else y
+    y, ws, lk, use_ws = split_outputs(x, m, n, tiles, n_split, bt, bn, y)
     _w8_gemv_kernel[(tiles, n_split)](x, q, scale, y, ws, lk, m, n, k, x.stride(0), y.stride(0), steps, n_split,
                                  BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk, USE_WS=use_ws, EVEN_K=k % bk == 0,
                                  TWO=bool(cfg.get("two")) and bt >= 32,  # halves of >= 16 tokens

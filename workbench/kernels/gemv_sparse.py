@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from workbench.kernels.layouts import locks, sm_count, split_plan, splits_for, store_tile, workspace
+from workbench.kernels.layouts import locks, sm_count, split_outputs, split_plan, splits_for, store_tile, workspace
 from workbench.kernels.pdl import enter, launch_kwargs
 
 MAX_TOKENS = 64
@@ -264,11 +264,7 @@ def launch(x: torch.Tensor, threshold: torch.Tensor, packed: dict, cfg: dict,
     bn, bk = cfg["block_n"], cfg["block_k"]
     steps, n_split = split_plan(triton.cdiv(k, bk), cfg["split"])
     tiles = triton.cdiv(n, bn)
-    if y is None:
-        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    use_ws = n_split > 1
-    ws = workspace(x.device, tiles * n_split * bt * bn) if use_ws else y
-    lk = locks(x.device, tiles) if use_ws else y
+    y, ws, lk, use_ws = split_outputs(x, m, n, tiles, n_split, bt, bn, y)
     kernel = _sparse_fma_gemv_kernel if kind == "fma" else _sparse_dot_gemv_kernel
     kernel[(tiles, n_split)](x, threshold, wt, wt if scale is None else scale, y, ws, lk, m, n, k, x.stride(0),
                              y.stride(0), steps, n_split, HAS_SCALE=scale is not None, BLOCK_T=bt, BLOCK_N=bn,

@@ -91,6 +91,18 @@ def locks(device: torch.device, tiles: int) -> torch.Tensor:
     return buf
 
 
+def split_outputs(x: torch.Tensor, m: int, n: int, tiles: int, n_split: int, rows: int, block_n: int,
+                  y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """(y, workspace, locks, use_ws) for a launch of `tiles` x `n_split` programs writing (m, n) through
+    `store_tile` with (rows, block_n) tiles: without a split the workspace and locks are unused (y stands in)."""
+    if y is None:
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    use_ws = n_split > 1
+    if not use_ws:
+        return y, y, y, False
+    return y, workspace(x.device, tiles * n_split * rows * block_n), locks(x.device, tiles), True
+
+
 @triton.jit
 def store_tile(acc, y_ptr, ws_ptr, lock_ptr, offs_t, offs_n, M, N, stride_ym, pid_n, pid_k, n_split,
                USE_WS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
