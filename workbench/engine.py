@@ -111,9 +111,7 @@ class Engine:
     @contextlib.contextmanager
     def dense_prefill(self):
         """Prompt tokens run dense unless a layer's sparsity asks for sparse prefill (TEAL's default)."""
-        # a weight fitted to the sparsified inputs (`compensate_sparsity`) reads them in prefill too
-        marked = [w for _, w in wrappers(self.model)
-                  if not w.setting.sparsity.prefill and not getattr(w.store, "sparse_inputs", False)]
+        marked = [w for _, w in wrappers(self.model) if not w.setting.sparsity.prefill]
         for w in marked:
             w.dense_multi_token = True
         try:

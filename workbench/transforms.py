@@ -148,8 +148,7 @@ def _replacement(module: nn.Module, step: PlannedModule, cal: Any, stores: dict,
     shared = stores.get(key) if not step.setting.weights.is_identity else None
     method = QUANT_METHODS.get(step.setting.weights.method)
     if shared is None and method.needs_hessian and step.role != "embed":
-        h = hessian or (None,)
-        shared = method.quantize(base.weight, step.setting.weights, h[0], name=step.fqn, cross=h[2] if len(h) > 2 else None)
+        shared = method.quantize(base.weight, step.setting.weights, (hessian or (None,))[0], name=step.fqn)
     if step.role == "embed":
         wrapper = WorkbenchEmbedding(base, step.setting, step.fqn, store=shared)
     else:

@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
 from workbench.errors import PolicyError
 from workbench.formats.gptq import gptq_quantize, grouped_bits
 from workbench.formats.imatrix import imatrix_quantize
@@ -38,36 +36,17 @@ class QuantMethod:
             raise PolicyError(f"{self.name} serves {served}, not {spec.format}"
                               + (f" with blocks of {spec.group_size}" if spec.group_size else ""))
 
-    def quantize(self, w, spec: Weights, hessian=None, name: str = "a layer", cross=None):
-        """The packed weight of `w` under `spec` (a `PackedWeight`). With `cross` (C of sparsified
-        inputs, `formats.hessians`), `w` is first fitted to the cut (`compensate_sparsity`)."""
+    def quantize(self, w, spec: Weights, hessian=None, name: str = "a layer"):
+        """The packed weight of `w` under `spec` (a `PackedWeight`)."""
         fmt = WEIGHT_FORMATS.get(spec.format)
         if not self.needs_hessian:
             return fmt.quantize(w, spec)
         if hessian is None:
             raise PolicyError(f"{name}: {self.name} needs calibration inputs (a Hessian) and got none")
         from workbench.formats.packed import PackedWeight
-        target = w.detach().float().cpu()
-        if cross is not None:
-            target = compensate_sparsity(target, hessian, cross, name=name)
-        tensors = self.fn(target, hessian, spec, name=name)
+        tensors = self.fn(w.detach().float().cpu(), hessian, spec, name=name)
         tensors = {k: v.to(w.device) for k, v in tensors.items()}
-        packed = PackedWeight(fmt, spec, tuple(w.shape), tensors, w.dtype)
-        packed.sparse_inputs = cross is not None  # fitted to sparsified inputs: not for dense prefill
-        return packed
-
-
-def compensate_sparsity(w, h, c, damp: float = 0.01, name: str = "a layer"):
-    """The weight W' that best reproduces the dense layer from its sparsified inputs on the calibration
-    tokens, min ||W x - W' xs||^2: W' = W C (H + damp)^-1 with C = sum x xs^T, H = sum xs xs^T. GPTQ then
-    rounds W' under H, so the rounding error and the error of the cut itself are both compensated."""
-    h = h.double()
-    reg = h + damp * h.diagonal().mean().clamp_min(1e-12) * torch.eye(h.shape[0], dtype=h.dtype)
-    try:
-        fitted = torch.linalg.solve(reg, c.double().T @ w.double().T).T  # reg is symmetric
-    except RuntimeError as e:
-        raise PolicyError(f"{name}: the sparsified inputs' Hessian is singular ({e})") from None
-    return fitted.float()
+        return PackedWeight(fmt, spec, tuple(w.shape), tensors, w.dtype)
 
 
 def needs_hessians(policy) -> bool:

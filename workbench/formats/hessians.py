@@ -47,10 +47,8 @@ def collect_hessians(engine, fqns, tokens: int = DEFAULT_TOKENS, seq_len: int = 
     least `MIN_TOKENS_PER_INPUT` tokens per input of each, or a PolicyError naming the layer.
 
     `sparsified`: the model runs as the engine's current policy has it (sparsified upstream), and each
-    layer's H is of its input after its own sparsity rule, the input its weight really multiplies; the
-    tuple then has a third matrix, C = sum_t x_t xs_t^T (its input before against after the cut), with
-    which `formats.calibrated.compensate_sparsity` fits the weight to the cut. Otherwise the unmodified
-    model's inputs."""
+    layer's H is of its input after its own sparsity rule, the input its weight really multiplies;
+    otherwise the unmodified model's inputs."""
     wanted = set(fqns)
     targets = [(fqn, m if sparsified else (m.base if getattr(m, "is_workbench_linear", False) else m))
                for fqn, m, _ in linear_modules(engine.model) if fqn in wanted]
@@ -63,15 +61,12 @@ def collect_hessians(engine, fqns, tokens: int = DEFAULT_TOKENS, seq_len: int = 
     text, _ = load_text(corpus, "calibration")
     windows = token_windows(engine.tokenizer, text, min(seq_len, engine.max_positions), tokens)
     sums: dict[int, torch.Tensor] = {}  # id of the input's first reader -> running sum of x x^T
-    cross: dict[int, torch.Tensor] = {}  # sparsified: running sum of x xs^T
     owner: dict[str, int] = {}
     counts: dict[int, int] = {}
     last: dict = {"x": None, "key": None}
 
     def record(fqn, module, x):
-        dense_rows = None
         if sparsified:  # each layer's own cut: no two layers share the sparsified input
-            dense_rows = x.detach().reshape(-1, x.shape[-1]).float()
             x = module.sparsifier.fn(x)
         elif x is last["x"]:  # the same tensor as the previous layer's input: q/k/v, gate/up
             owner[fqn] = last["key"]
@@ -82,8 +77,6 @@ def collect_hessians(engine, fqns, tokens: int = DEFAULT_TOKENS, seq_len: int = 
             sums[key] = torch.zeros(rows.shape[1], rows.shape[1], device=rows.device)
             counts[key] = 0
         sums[key].addmm_(rows.T, rows)  # in place: no (K, K) temporary per window
-        if dense_rows is not None:
-            cross.setdefault(key, torch.zeros_like(sums[key])).addmm_(dense_rows.T, rows)
         counts[key] += rows.shape[0]
         owner[fqn] = key
         last["x"], last["key"] = x, key
@@ -98,7 +91,7 @@ def collect_hessians(engine, fqns, tokens: int = DEFAULT_TOKENS, seq_len: int = 
         key = owner.get(fqn)
         if key is None:
             raise PolicyError(f"{fqn} saw no calibration input")
-        out[fqn] = (on_cpu[key], counts[key]) + ((cross[key].cpu(),) if key in cross else ())
+        out[fqn] = (on_cpu[key], counts[key])
         if check:
             _check_tokens(fqn, counts[key], module.in_features)
     return out
