@@ -69,10 +69,10 @@ def test_the_method_is_part_of_the_precision_and_round_trips():
     policy = Policy.parse("threshold40+int4-g64-gptq")
     assert Policy.from_json(policy.to_json()) == policy
     assert policy.default.weights.method == "gptq"
-    dense = Policy.parse("threshold40+int4-g64-gptq-densecal")
-    assert dense.default.weights.calibrate_dense and Policy.from_json(dense.to_json()) == dense
-    with pytest.raises(PolicyError, match="calibrate_dense goes with a calibrated method"):
-        parse_precision("int4-g64-densecal")
+    sparse = Policy.parse("threshold40+int4-g64-gptq-sparsecal")
+    assert sparse.default.weights.calibrate_sparse and Policy.from_json(sparse.to_json()) == sparse
+    with pytest.raises(PolicyError, match="calibrate_sparse goes with a calibrated method"):
+        parse_precision("int4-g64-sparsecal")
 
 
 def test_an_engine_under_gptq_decodes_and_packs_other_bytes_than_rtn():
@@ -109,8 +109,8 @@ def test_too_little_calibration_text_for_the_hessian_is_refused():
     (["eval", "--model", "synthetic:tiny-llama", "--precision", "bf16", "--quant-method", "gptq"], "not bf16"),
     (["eval", "--model", "synthetic:tiny-llama", "--precision", "int4-g32", "--quant-method", "best"],
      "--quant-method takes one of"),
-    (["eval", "--model", "synthetic:tiny-llama", "--precision", "int4-g32", "--calibrate-dense"],
-     "--calibrate-dense goes with a calibrated --quant-method"),
+    (["eval", "--model", "synthetic:tiny-llama", "--precision", "int4-g32", "--calibrate-sparse"],
+     "--calibrate-sparse goes with a calibrated --quant-method"),
 ])
 def test_cli_refuses_bad_methods_in_one_line(argv, message, capsys):
     assert main(argv) == 2
@@ -119,9 +119,9 @@ def test_cli_refuses_bad_methods_in_one_line(argv, message, capsys):
 
 
 def test_a_sparsified_layer_is_calibrated_on_the_inputs_it_will_get():
-    """Under threshold40 + GPTQ each sparsified layer's Hessian is of its inputs after its own cut (the
-    default), against the unmodified model's dense inputs with -densecal: other packed weights for the
-    sparsified layers, the same for the head (no sparsity), and both remembered side by side."""
+    """Under threshold40 + GPTQ-sparsecal each sparsified layer's Hessian is of its inputs after its own
+    cut, against the unmodified model's dense inputs by default: other packed weights for the sparsified
+    layers, the same for the head (no sparsity), and both remembered side by side."""
     from workbench.formats.hessians import collect_hessians
     from workbench.transforms import wrappers
     engine = Engine.from_pretrained("synthetic:tiny-llama")
@@ -136,11 +136,11 @@ def test_a_sparsified_layer_is_calibrated_on_the_inputs_it_will_get():
     def packed(name):
         engine.reconfigure(Policy.parse(name))
         return {fqn: w.store for fqn, w in wrappers(engine.model) if w.store is not None}
-    as_run, dense = packed("threshold40+int4-g32-gptq"), packed("threshold40+int4-g32-gptq-densecal")
+    as_run, dense = packed("threshold40+int4-g32-gptq-sparsecal"), packed("threshold40+int4-g32-gptq")
     differ = {f for f in as_run if not torch.equal(as_run[f].tensors["q"], dense[f].tensors["q"])}
     assert differ == {f for f in as_run if f.startswith("model.layers.")}
-    assert engine.policy.default.weights.label == "int4-g32-gptq-densecal"
-    assert packed("threshold40+int4-g32-gptq")[q0] is as_run[q0]  # served from the store cache, not recalibrated
+    assert engine.policy.default.weights.label == "int4-g32-gptq"
+    assert packed("threshold40+int4-g32-gptq-sparsecal")[q0] is as_run[q0]  # served from the store cache, not recalibrated
 
 
 def test_merging_an_update_into_a_gptq_layer_rounds_to_nearest_and_says_so():

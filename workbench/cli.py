@@ -38,10 +38,10 @@ def _policy_from_args(args):
             if precision == "none":
                 raise InputError(f"--quant-method {args.quant_method} needs a --precision to round to")
             precision = f"{precision}-{args.quant_method}"
-        if getattr(args, "calibrate_dense", False):
+        if getattr(args, "calibrate_sparse", False):
             if args.quant_method in (None, "rtn"):
-                raise InputError("--calibrate-dense goes with a calibrated --quant-method (gptq, imatrix)")
-            precision = f"{precision}-densecal"
+                raise InputError("--calibrate-sparse goes with a calibrated --quant-method (gptq, imatrix)")
+            precision = f"{precision}-sparsecal"
         policy = Policy.uniform(sparsity=args.sparsity, rule=args.sparsity_rule, precision=precision,
                                 attention=args.attention, head=args.head_precision)
     if args.calibration:

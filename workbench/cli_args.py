@@ -27,9 +27,9 @@ def _policy_options(p: argparse.ArgumentParser) -> None:
                    help="how --precision rounds: rtn (nearest, default), gptq (calibrated on the corpus; "
                         "int4/int3/int2 groups and per-row int8) or imatrix (group scales weighted by the corpus's "
                         "activations; groups); same as the precision suffix, e.g. int4-g64-gptq")
-    p.add_argument("--calibrate-dense", action="store_true",
-                   help="a calibrated method on a sparsified layer sees the unmodified model's dense inputs instead "
-                        "of the sparsified inputs it will get (the default); suffix -densecal")
+    p.add_argument("--calibrate-sparse", action="store_true",
+                   help="a calibrated method on a sparsified layer sees the sparsified inputs it will get (the model "
+                        "run under the policy's sparsity) instead of the unmodified model's; suffix -sparsecal")
     p.add_argument("--budget-bits", type=float, default=None, help="bits per weight for --precision auto")
     p.add_argument("--auto-formats", default=None,
                    help="comma-separated formats --precision auto chooses from, methods included (e.g. "

@@ -78,9 +78,9 @@ class Weights:
     group_size: int | None = None
     symmetric: bool = True
     method: str = "rtn"  # how the weights are rounded: QUANT_METHODS (rtn: nearest; gptq: calibrated)
-    # a calibrated method sees the inputs the layer gets as the policy runs (sparsified where the layer is);
-    # True: the unmodified model's dense inputs instead (to compare, or to share one calibration)
-    calibrate_dense: bool = False
+    # a calibrated method sees the unmodified model's inputs; True: on a sparsified layer, the inputs it gets
+    # as the policy runs (after its cut), which measured no better (experiments/quantization/gptq/README.md)
+    calibrate_sparse: bool = False
 
     def __post_init__(self):
         entry = WEIGHT_FORMATS.get(self.format)
@@ -89,8 +89,8 @@ class Weights:
             raise PolicyError(f"weights.group_size must be a positive integer, got {self.group_size!r}")
         _validate_entry(entry, self)
         _validate_entry(QUANT_METHODS.get(self.method), self)
-        if self.calibrate_dense and not QUANT_METHODS.get(self.method).needs_hessian:
-            raise PolicyError(f"calibrate_dense goes with a calibrated method (gptq, imatrix), not {self.method}")
+        if self.calibrate_sparse and not QUANT_METHODS.get(self.method).needs_hessian:
+            raise PolicyError(f"calibrate_sparse goes with a calibrated method (gptq, imatrix), not {self.method}")
 
     @property
     def is_identity(self) -> bool:
@@ -102,7 +102,7 @@ class Weights:
         entry = WEIGHT_FORMATS.get(self.format)
         label = entry.label(self) if hasattr(entry, "label") else self.format
         label = label if self.method == "rtn" else f"{label}-{self.method}"
-        return label + ("-densecal" if self.calibrate_dense else "")
+        return label + ("-sparsecal" if self.calibrate_sparse else "")
 
 
 @dataclass(frozen=True)
@@ -440,7 +440,7 @@ def parse_precision(text: str) -> Weights:
     if not isinstance(text, str) or not text:
         raise PolicyError(f"precision must be a format name, got {text!r}")
     parts = text.split("-")
-    name, group, symmetric, method, dense = parts[0], None, True, "rtn", False
+    name, group, symmetric, method, sparse = parts[0], None, True, "rtn", False
     for part in parts[1:]:
         m = re.fullmatch(r"(g|block)(\d+)", part)
         if m:
@@ -449,13 +449,13 @@ def parse_precision(text: str) -> Weights:
             symmetric = False
         elif part in QUANT_METHODS:
             method = part
-        elif part == "densecal":
-            dense = True
+        elif part == "sparsecal":
+            sparse = True
         else:
-            raise PolicyError(f"cannot parse precision {text!r}: expected NAME[-gN|-blockN][-asym][-METHOD[-densecal]], "
+            raise PolicyError(f"cannot parse precision {text!r}: expected NAME[-gN|-blockN][-asym][-METHOD[-sparsecal]], "
                               f"NAME one of {', '.join(WEIGHT_FORMATS.names())}, METHOD one of "
                               f"{', '.join(QUANT_METHODS)}")
-    return Weights(format=name, group_size=group, symmetric=symmetric, method=method, calibrate_dense=dense)
+    return Weights(format=name, group_size=group, symmetric=symmetric, method=method, calibrate_sparse=sparse)
 
 
 def parse_attention(text: str) -> Attention:

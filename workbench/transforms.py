@@ -57,7 +57,7 @@ def plan(model: nn.Module, policy: Policy) -> list[PlannedModule]:
         step = _fitted(_base(module), fqn, "embed", setting, model_wide)
         if QUANT_METHODS.get(step.setting.weights.method).needs_hessian:  # a lookup has no inputs to weigh
             rtn = dataclasses.replace(step.setting, weights=dataclasses.replace(step.setting.weights, method="rtn",
-                                                                                 calibrate_dense=False))
+                                                                                 calibrate_sparse=False))
             step = PlannedModule(fqn, "embed", rtn, f"{step.setting.weights.label} -> {rtn.weights.label} "
                                                     "(an embedding table has no inputs to calibrate on)")
         planned.append(step)

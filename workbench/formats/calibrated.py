@@ -55,11 +55,11 @@ def needs_hessians(policy) -> bool:
 
 
 def calibrated_as_run(setting) -> bool:
-    """True when the layer's calibrated method must see its inputs as the policy runs them: the layer is
-    also sparsified (and `weights.calibrate_dense` is not set), so its Hessian comes from the sparsified
-    inputs and the rounding error is compensated for the inputs that survive the cut."""
+    """True when the layer's calibrated method sees its inputs as the policy runs them: the layer is also
+    sparsified and `weights.calibrate_sparse` is set, so its Hessian comes from the sparsified inputs and
+    the rounding error is weighed on the inputs that survive the cut."""
     return (QUANT_METHODS.get(setting.weights.method).needs_hessian and not setting.sparsity.is_identity
-            and not setting.weights.calibrate_dense)
+            and setting.weights.calibrate_sparse)
 
 
 def store_key(base, setting) -> tuple:
