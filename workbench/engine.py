@@ -187,7 +187,7 @@ class Engine:
         fqns = pending_calibrated(self.model, policy, self.store_cache)
         if not fqns:
             return {}
-        from workbench.formats.calibrated import calibrated_as_run
+        from workbench.transforms import calibrated_as_run
         from workbench.formats.hessians import cached_hessians
         settings = {fqn: policy.setting_for(fqn, role) for fqn, _, role in linear_modules(self.model)}
         as_run = [f for f in fqns if calibrated_as_run(settings[f])]

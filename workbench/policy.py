@@ -78,8 +78,7 @@ class Weights:
     group_size: int | None = None
     symmetric: bool = True
     method: str = "rtn"  # how the weights are rounded: QUANT_METHODS (rtn: nearest; gptq: calibrated)
-    # a calibrated method sees the unmodified model's inputs; True: on a sparsified layer, the inputs it gets
-    # as the policy runs (after its cut), which measured no better (experiments/quantization/gptq/README.md)
+    # True: a calibrated method on a sparsified layer sees its inputs after the cut (measured no better)
     calibrate_sparse: bool = False
 
     def __post_init__(self):
@@ -226,9 +225,9 @@ class Policy:
 
     def without_weights(self) -> "Policy":
         """The same policy with every weight format dropped (sparsity and attention kept)."""
-        strip = lambda s: dataclasses.replace(s, weights=Weights())  # noqa: E731
-        return dataclasses.replace(self, default=strip(self.default),
-                                   rules=tuple(dataclasses.replace(r, setting=strip(r.setting)) for r in self.rules),
+        rules = tuple(dataclasses.replace(r, setting=dataclasses.replace(r.setting, weights=Weights()))
+                      for r in self.rules)
+        return dataclasses.replace(self, default=dataclasses.replace(self.default, weights=Weights()), rules=rules,
                                    name=f"{self.name} (sparsity only)")
 
     # ---- construction -------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from torch import nn
 
 from workbench.attention.install import dense_attention, set_layer_selectors
 from workbench.errors import PolicyError
-from workbench.formats.calibrated import store_key
 from workbench.layers import SharedInputCache, WorkbenchEmbedding, WorkbenchLinear, check_setting
 from workbench.policy import QUANT_METHODS, WEIGHT_FORMATS, Policy, Setting
 from workbench.roles import attention_modules, embedding_modules, linear_modules
@@ -156,6 +155,21 @@ def _replacement(module: nn.Module, step: PlannedModule, cal: Any, stores: dict,
     if wrapper.store is not None and base.weight.device.type != "meta":
         stores[key] = wrapper.store
     return wrapper
+
+
+def calibrated_as_run(setting) -> bool:
+    """True when the layer's calibrated method sees its inputs as the policy runs them: the layer is also
+    sparsified and `weights.calibrate_sparse` is set, so its Hessian comes from the sparsified inputs and
+    the rounding error is weighed on the inputs that survive the cut."""
+    return (QUANT_METHODS.get(setting.weights.method).needs_hessian and not setting.sparsity.is_identity
+            and setting.weights.calibrate_sparse)
+
+
+def store_key(base, setting) -> tuple:
+    """The key a packed weight is remembered under: (weight storage, format), and the sparsity too when the
+    weight was calibrated on sparsified inputs (another cut gives another weight)."""
+    key = (base.weight.data_ptr(), setting.weights)
+    return key + (repr(setting.sparsity),) if calibrated_as_run(setting) else key  # Sparsity holds a dict
 
 
 def _is_wrapper(module: nn.Module) -> bool:

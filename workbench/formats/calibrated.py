@@ -54,25 +54,10 @@ def needs_hessians(policy) -> bool:
     return any(QUANT_METHODS.get(s.weights.method).needs_hessian for s in settings)
 
 
-def calibrated_as_run(setting) -> bool:
-    """True when the layer's calibrated method sees its inputs as the policy runs them: the layer is also
-    sparsified and `weights.calibrate_sparse` is set, so its Hessian comes from the sparsified inputs and
-    the rounding error is weighed on the inputs that survive the cut."""
-    return (QUANT_METHODS.get(setting.weights.method).needs_hessian and not setting.sparsity.is_identity
-            and setting.weights.calibrate_sparse)
-
-
-def store_key(base, setting) -> tuple:
-    """The key a packed weight is remembered under: (weight storage, format), and the sparsity too when the
-    weight was calibrated on sparsified inputs (another cut gives another weight)."""
-    key = (base.weight.data_ptr(), setting.weights)
-    return key + (repr(setting.sparsity),) if calibrated_as_run(setting) else key  # Sparsity holds a dict
-
-
 def pending_calibrated(model, policy, store_cache: dict | None) -> list[str]:
     """The linear layers `policy` quantizes with a calibrated method whose packed weight is not in
     `store_cache` yet (what a Hessian must be collected for)."""
-    from workbench.transforms import base_of, plan
+    from workbench.transforms import base_of, plan, store_key
     out = []
     for step in plan(model, policy):
         if step.role == "embed" or not QUANT_METHODS.get(step.setting.weights.method).needs_hessian:
