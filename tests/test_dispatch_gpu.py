@@ -36,6 +36,7 @@ def _weight(seed=0):
 class _Layer:  # what a LinearKernel reads of its layers when the input comes premasked
     input_cache = None
     dense_multi_token = False
+    track_stats = False
 
 
 def _each_path(kernel, x):
@@ -101,6 +102,41 @@ def test_joined_projections_equal_the_separate_layers():
     x = torch.randn(3, K, device="cuda", dtype=torch.bfloat16)
     parts = [QuantPaths(s.tensors, "int8", torch.bfloat16)(x) for s in stores]
     assert _rel(joined(x), torch.cat(parts, dim=-1).double()) < TOL
+
+
+def _pick(module, monkeypatch, rules):
+    """The tuner replaced by `rules` (token count -> predicate on a config): the first candidate it accepts."""
+    monkeypatch.setattr(module, "remembered", lambda key: None)
+    monkeypatch.setattr(module, "tuned", lambda key, cands, launch: next(c for c in cands if rules[key[-1]](c)))
+
+
+def test_only_the_layouts_a_choice_uses_are_kept_and_a_dropped_one_is_rebuilt(monkeypatch):
+    from workbench.kernels import quant_paths
+    t, w = _stored("int4", _weight())
+    paths = quant_paths.QuantPaths(t, "int4", torch.bfloat16)
+    _pick(quant_paths, monkeypatch, {1: lambda c: c["impl"] == "w4" and c.get("wa"),
+                                     3: lambda c: c["impl"] == "quant",
+                                     8: lambda c: c["impl"] == "w4" and not c.get("wa")})
+    x = {m: torch.randn(m, K, device="cuda", dtype=torch.bfloat16) for m in (1, 3, 8)}
+    assert _rel(paths(x[1]), x[1].double() @ w.T) < TOL
+    assert set(paths.layouts) == {"w4"} and {"qq"} <= set(paths.layouts["w4"]) and "qp" not in paths.layouts["w4"]
+    assert _rel(paths(x[3]), x[3].double() @ w.T) < TOL  # quant_gemv reads the stored tensors: no layout
+    assert set(paths.layouts) == {"w4"} and "qp" not in paths.layouts["w4"]
+    assert _rel(paths(x[8]), x[8].double() @ w.T) < TOL  # needs the dropped layout: rebuilt
+    assert {"qp", "qq"} <= set(paths.layouts["w4"])
+    assert _rel(paths(x[1]), x[1].double() @ w.T) < TOL  # the first choice still runs on what is kept
+
+
+def test_a_sparse_layer_drops_its_transposed_weight_unless_a_sparse_gemv_is_chosen(monkeypatch):
+    from workbench.kernels import dispatch
+    w = _weight().bfloat16()
+    kernel = dispatch.LinearKernel([_Layer()], Cut("threshold", 0.67), "dense", dense=w)
+    _pick(dispatch, monkeypatch, {8: lambda c: c["path"] == "masked_cublas", 1: lambda c: c["path"] == "sparse"})
+    for m in (8, 1):
+        x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
+        xm = torch.where(x.abs() > 0.67, x, 0)
+        assert _rel(kernel(xm), xm.double() @ w.double().T) < TOL
+        assert (kernel._sparse is None) == (m == 8), m  # W^T only once a sparse GEMV serves a token count
 
 
 @pytest.mark.parametrize("precision", ["none", "int8"])

@@ -57,6 +57,7 @@ class Row:
     graph_ms: float | None = None  # the captured step alone, without the host's token handling
     profile: dict | None = None  # profiling.profile_step's table, with --profile
     pdl: bool = True  # kernels launched with programmatic dependent launch (`workbench.kernels.pdl`)
+    resident_bytes: int | None = None  # device memory held after the row (the peak adds the tuner's copies)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -217,7 +218,7 @@ def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_toke
             context = prompt_tokens + new_tokens // 2
             row = Row(name, batch, ms, batch * 1e3 / ms, stats["weight_bytes"], _peak_bytes(dev),
                       step_bytes(engine, batch, context) / bandwidth * 1e3, kernel_census(engine), sparsity, graph_ms,
-                      pdl=launch)
+                      pdl=launch, resident_bytes=torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None)
             if profile:
                 row.profile = _profile(engine, batch, cache_capacity(prompt_tokens + new_tokens), context, bandwidth)
             result["rows"].append(asdict(row))
@@ -266,13 +267,13 @@ def format_table(result: dict) -> str:
             f"{result['prompt_tokens']} + {result['new_tokens']} new tokens, copy bandwidth "
             f"{env['copy_bandwidth_gb_s']:.0f} GB/s")
     lines = [head, "", f"{'policy':>14} {'batch':>5} {'ms/step':>8} {'tok/s':>9} {'vs dense':>8} "
-             f"{'roofline':>8} {'of bound':>8} {'weights':>9} {'peak':>9} {'sparsity':>8}"]
+             f"{'roofline':>8} {'of bound':>8} {'weights':>9} {'peak':>9} {'resident':>9} {'sparsity':>8}"]
     for r in result["rows"]:
         sparsity = "" if r["achieved_sparsity"] is None else f"{r['achieved_sparsity']:.2f}"
         lines.append(f"{_label(result, r):>14} {r['batch']:>5} {r['ms_per_step']:8.2f} {r['tokens_per_s']:9.1f} "
                      f"{r.get('speedup_vs_dense', float('nan')):7.2f}x {r['roofline_ms']:8.2f} "
                      f"{100 * (r['fraction_of_roofline'] or 0):7.0f}% {_size(r['weight_bytes']):>9} "
-                     f"{_size(r['peak_bytes'] or 0):>9} "
+                     f"{_size(r['peak_bytes'] or 0):>9} {_size(r.get('resident_bytes') or 0):>9} "
                      f"{sparsity:>8}")
     if result["transformers_eager_ms"]:
         lines.append(f"\ntransformers eager generate (dense, batch 1): {result['transformers_eager_ms']:.2f} ms/token"

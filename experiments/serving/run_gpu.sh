@@ -4,6 +4,8 @@
 #   serving_h200.json: one-at-a-time, continuous, transformers' generate_batch, Poisson sweep, and the
 #                      elastic controller on the default sparsity ladder under 2x overload
 #   serving_h200_precision_ladder.json: the same overload with the ladder dense -> int8 -> int4-g64
+#   serving_h200_faster_rung_seed{0,1,2}.json: the same overload with the ladder dense -> threshold50+int8,
+#                      the one rung faster than dense at 32 slots (`experiments/speed`), three workloads
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out="${1:-experiments/serving}"
@@ -13,3 +15,7 @@ common=(--model synthetic:llama-3-8b --requests 64 --prompt-tokens 128 --output-
 python -m workbench.cli loadtest "${common[@]}" --rates 4,8,16 --out "$out/serving_h200$suffix.json"
 python -m workbench.cli loadtest "${common[@]}" --modes continuous,elastic --ladder dense,int8,int4-g64 \
     --out "$out/serving_h200_precision_ladder$suffix.json"
+for seed in 0 1 2; do
+    python -m workbench.cli loadtest "${common[@]}" --modes continuous,elastic --ladder dense,threshold50+int8 \
+        --seed "$seed" --out "$out/serving_h200_faster_rung_seed$seed$suffix.json"
+done

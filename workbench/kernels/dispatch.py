@@ -30,7 +30,7 @@ from workbench.kernels import gemv_sparse
 from workbench.kernels.peers import say_once
 from workbench.kernels.quant_paths import MAX_TOKENS, QuantPaths
 from workbench.kernels.sparse_gemv import MAX_TOKENS as OLD_SPARSE_TOKENS, sparse_gemv
-from workbench.kernels.tuning import remembered, tuned
+from workbench.kernels.tuning import capturing, remembered, tuned
 from workbench.sparsity.rules import Cut
 
 PREMASKED = "premasked"  # sparsified and counted by the kernel that produced the input
@@ -59,6 +59,7 @@ class LinearKernel:
         # WORKBENCH_SPARSE_PATH=sparse|masked pins a sparse layer to one kind of path (tests, comparisons)
         self.pinned = os.environ.get("WORKBENCH_SPARSE_PATH") if cut is not None else None
         self.chosen: dict[int, str] = {}  # token count -> the path the tuner kept (bench reports it)
+        self.paths: dict[int, dict] = {}  # token count -> its config (sparse layers)
         self.joined = False  # True while the fused step serves this layer through a joined kernel
 
     # ---- the paths ----------------------------------------------------------------------------------------------
@@ -72,6 +73,8 @@ class LinearKernel:
     def sparse_weight(self) -> dict | None:
         """W^T (K, N) for the sparse GEMVs: bf16/fp16, or int8 q^T with row scales (fused sparse+int8)."""
         if self._sparse is None and self.cut is not None:
+            if capturing():  # the tuner and the graphs run each path eagerly first
+                raise RuntimeError("LinearKernel: W^T must be built before a CUDA graph capture")
             if self.family == "dense":
                 self._sparse = gemv_sparse.pack(self.dense.detach())
             elif self.family == "int8" and self.tensors["scale"].dim() == 1:
@@ -79,6 +82,12 @@ class LinearKernel:
             else:
                 self._sparse = False
         return self._sparse or None
+
+    def _prune(self) -> None:
+        """Drop W^T when no token count's choice is a sparse GEMV (built to time them; rebuilt on need)."""
+        if self._sparse and not capturing() \
+                and not any(c["path"] in ("sparse", "sparse_v1") for c in self.paths.values()):
+            self._sparse = None
 
     def candidates(self, x: torch.Tensor) -> list[dict]:
         m, n, k = x.shape[0], self.n, x.shape[1]
@@ -140,10 +149,13 @@ class LinearKernel:
                    self.quant.signature if self.quant is not None else None, self.pinned, m)
             cfg = remembered(key)
             if cfg is None:
-                probe = rows if torch.cuda.is_current_stream_capturing() else independent_rows(rows)
+                probe = rows if capturing() else independent_rows(rows)
                 cfg = tuned(key, self.candidates(probe), lambda c: self.launch(probe, c))
             y = self.launch(rows, cfg)
             self.chosen[m] = cfg["path"] if cfg["path"] != "quant" else self.quant.chosen.get(m, "quant")
+            if self.paths.get(m) is not cfg:
+                self.paths[m] = cfg
+                self._prune()
         return y.reshape(*x.shape[:-1], -1)
 
     def _masked(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

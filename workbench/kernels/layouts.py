@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from workbench.kernels.tuning import capturing
+
 
 # ---- int4 nibble layout -----------------------------------------------------------------------------------------
 def repack_int4_g(q: torch.Tensor, group: int) -> torch.Tensor:
@@ -53,7 +55,7 @@ def quarter_unpack(qq: torch.Tensor, group: int) -> torch.Tensor:
     n, kq = qq.shape
     k = 4 * kq
     w = qq.to(torch.int32).reshape(n, k // group, 1, group // 4) & 0xFFFF
-    return ((w >> torch.tensor([0, 4, 8, 12], dtype=torch.int32).reshape(1, 1, 4, 1)) & 0x0F).to(torch.uint8).reshape(n, k)
+    return ((w >> torch.tensor([0, 4, 8, 12], dtype=torch.int32, device=qq.device).reshape(1, 1, 4, 1)) & 0x0F).to(torch.uint8).reshape(n, k)
 
 
 # ---- split-K workspace ------------------------------------------------------------------------------------------
@@ -68,7 +70,7 @@ def workspace(device: torch.device, numel: int) -> torch.Tensor:
     key = torch.device(device).index if torch.device(device).type == "cuda" else str(device)
     buf = _WS.get(key)
     if buf is None or buf.numel() < numel:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if capturing():
             raise RuntimeError("gemv split-K workspace must be allocated before CUDA-graph capture: call once first")
         if buf is not None:  # a graph captured earlier may still point at it: keep it alive
             _RETIRED.append(buf)
@@ -84,7 +86,7 @@ def locks(device: torch.device, tiles: int) -> torch.Tensor:
     key = torch.device(device).index if torch.device(device).type == "cuda" else str(device)
     buf = _LOCKS.get(key)
     if buf is None:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if capturing():
             raise RuntimeError("gemv split-K counters must be allocated before CUDA-graph capture: call once first")
         buf = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
         _LOCKS[key] = buf

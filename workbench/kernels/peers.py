@@ -29,18 +29,25 @@ def say_once(key, message: str, *args) -> None:
 
 
 # ---- aten's tinygemm ---------------------------------------------------------------------------------------------
+def tinygemm_fits(tensors: dict) -> bool:
+    """Whether tinygemm takes this int4 weight (uint8 on CUDA, N a multiple of 8, K of 32, its group sizes)."""
+    q = tensors["q"]
+    if q.dtype != torch.uint8 or not q.is_cuda:
+        return False
+    n, k = q.shape[0], q.shape[1] * 2
+    return k % 32 == 0 and n % 8 == 0 and k // tensors["scale"].shape[1] in (32, 64, 128, 256)
+
+
 def tinygemm_pack(tensors: dict) -> tuple | None:
     """Our int4 tensors in tinygemm's layout (even k in the high nibble; scale and zero per group,
     w = (q - 8) * scale + zero); None where tinygemm cannot take the shape."""
     from workbench.formats.quant import int4_scale_and_zero, unpack_int4
+    if not tinygemm_fits(tensors):
+        return None
     q = tensors["q"]
-    if q.dtype != torch.uint8 or not q.is_cuda:
-        return None
-    n, k = q.shape[0], q.shape[1] * 2
+    k = q.shape[1] * 2
     group = k // tensors["scale"].shape[1]
-    inner = next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)
-    if inner is None or n % 8 or group not in (32, 64, 128, 256):
-        return None
+    inner = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
     try:
         u = unpack_int4(q).to(torch.int32)
         packed = torch.ops.aten._convert_weight_to_int4pack((u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8), inner)
@@ -74,17 +81,22 @@ def _gemlite():
     return gemlite
 
 
+def gemlite_fits(tensors: dict, family: str, dtype: torch.dtype) -> bool:
+    """Whether gemlite is installed and has a layout for this weight (it may still refuse the shape)."""
+    if not gemlite_available() or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return family == "int4" or (family == "int8" and tensors["scale"].dim() == 1)  # no b x b block scales
+
+
 def gemlite_layer(tensors: dict, family: str, dtype: torch.dtype):
     """A gemlite layer over our packed weight (a callable x -> y), or None (absent, or it refused)."""
-    if not gemlite_available() or dtype not in (torch.bfloat16, torch.float16):
+    if not gemlite_fits(tensors, family, dtype):
         return None
     from workbench.formats.quant import unpack_int4
     shape = tuple(tensors["q"].shape)
     try:
         helper = _gemlite().helper
         if family == "int8":
-            if tensors["scale"].dim() != 1:
-                return None  # b x b block scales: no gemlite layout
             return helper.A16W8_INT8(dtype=dtype).from_weights(tensors["q"], scales=tensors["scale"][:, None].to(dtype))
         q = unpack_int4(tensors["q"])
         k = q.shape[1]

@@ -12,7 +12,9 @@ Candidates, all computing x @ dequantize(W).T in float32 accumulation from the s
     int4, groups of g   | gemv_int4 (repacked copy), quant_gemv  | tinygemm (bf16), gemlite A16Wn
 
 Each (shape, M) is timed once, inside CUDA graphs as the decode step runs (`tuning.tuned`), over every
-candidate's launch configs. A peer is first checked against our kernel on the tuning input and left out,
+candidate's launch configs. Each implementation's re-laid-out copy of the weight is built for the tuning
+and kept only while a token count's choice uses it: an int4 layer would otherwise hold four copies
+(ours in two layouts, tinygemm's, gemlite's) for one it runs. A peer is first checked against our kernel on the tuning input and left out,
 with one log line, if it differs by more than `PEER_TOLERANCE` (relative): gemlite's int4 at one token
 differs by 2-3e-2 on the H200, our kernels by < 3e-3.
 """
@@ -21,12 +23,13 @@ from __future__ import annotations
 import torch
 
 from workbench.kernels import gemv_int4, gemv_int8
-from workbench.kernels.peers import gemlite_layer, say_once, tinygemm, tinygemm_pack
+from workbench.kernels.peers import gemlite_fits, gemlite_layer, say_once, tinygemm, tinygemm_fits, tinygemm_pack
 from workbench.kernels.quant_gemv import launch_candidates, quant_gemv
-from workbench.kernels.tuning import remembered, tuned
+from workbench.kernels.tuning import capturing, remembered, tuned
 
 MAX_TOKENS = 64  # beyond this (prefill) the reference path's cuBLAS on the dequantized weight serves
 PEER_TOLERANCE = 1e-2
+_UNBUILT = object()
 
 
 class QuantPaths:
@@ -39,26 +42,55 @@ class QuantPaths:
         self.k = q.shape[1] * (2 if family == "int4" else 1)
         self.group = 0 if scale.dim() == 1 else self.k // scale.shape[1]
         self.asym = "min" in tensors
-        self.w8 = gemv_int8.pack(tensors) if family == "int8" and scale.dim() == 1 else None
-        self.w4 = gemv_int4.pack(tensors) if family == "int4" and self.group in gemv_int4.GROUPS \
-            and self.k % self.group == 0 else None
-        self.tiny = tinygemm_pack(tensors) if peers and family == "int4" and dtype == torch.bfloat16 else None
-        self.gemlite = gemlite_layer(tensors, family, dtype) if peers else None
+        self.offered = {  # implementation -> whether it can take this weight (its layout is built on use)
+            "w8": family == "int8" and scale.dim() == 1,
+            "w4": family == "int4" and self.group in gemv_int4.GROUPS and self.k % self.group == 0,
+            "tiny": peers and family == "int4" and dtype == torch.bfloat16 and tinygemm_fits(tensors),
+            "gemlite": peers and gemlite_fits(tensors, family, dtype)}
+        self.layouts: dict[str, object] = {}  # implementation -> its copy of the weight, while one is chosen
         self.rejected: set = set()  # (peer, M) pairs that failed the check
         self.chosen: dict[int, str] = {}  # token count -> the implementation the tuner kept
+        self.configs: dict[int, dict] = {}  # token count -> its launch config
 
     @property
     def signature(self) -> tuple:
-        return (self.family, self.n, self.k, self.group, self.asym, self.dtype, self.w4 is not None,
-                self.tiny is not None, self.gemlite is not None)
+        return (self.family, self.n, self.k, self.group, self.asym, self.dtype, self.offered["w4"],
+                self.offered["tiny"], self.offered["gemlite"])
+
+    def layout(self, cfg: dict):
+        """The weight in `cfg`'s implementation's layout, built on first use (never inside a capture: the
+        tuner and the graphs run every config once eagerly first); None where a peer refused it."""
+        impl = cfg["impl"]
+        have = self.layouts.get(impl, _UNBUILT)
+        pruned = impl == "w4" and have is not _UNBUILT and ("qq" if cfg.get("wa") else "qp") not in have
+        if have is _UNBUILT or pruned:  # a peer's None (it refused the weight) is not built again
+            if capturing():
+                raise RuntimeError(f"QuantPaths: the {impl} layout must be built before a CUDA graph capture")
+            have = {"w8": lambda: gemv_int8.pack(self.tensors), "w4": lambda: gemv_int4.pack(self.tensors),
+                    "tiny": lambda: tinygemm_pack(self.tensors),
+                    "gemlite": lambda: gemlite_layer(self.tensors, self.family, self.dtype)}[impl]()
+            self.layouts[impl] = have
+        return have
+
+    def _prune(self) -> None:
+        """Drop every layout that no token count's choice uses (the tuner built them all to time them)."""
+        used = [c for c in self.configs.values() if c["impl"] != "quant"]
+        for impl in [i for i in self.layouts if i not in {c["impl"] for c in used}]:
+            del self.layouts[impl]
+        w4 = self.layouts.get("w4")
+        if w4:
+            wa = {bool(c.get("wa")) for c in used if c["impl"] == "w4"}
+            for key, needed in (("qq", True), ("qp", False)):
+                if needed not in wa:
+                    w4.pop(key, None)
 
     def _own_candidates(self, x: torch.Tensor) -> list[dict]:
         """Our kernels' launch configs for x's token count, the best-guess default first."""
         m = x.shape[0]
         out = []
-        if self.w8 is not None:
+        if self.offered["w8"]:
             out += [dict(impl="w8", **c) for c in gemv_int8.candidates(m, self.n, self.k, x.device)]
-        if self.w4 is not None:
+        if self.offered["w4"]:
             out += [dict(impl="w4", **c) for c in gemv_int4.candidates(m, self.n, self.k, self.group, x.device,
                                                                          asym=self.asym)]
         bits = 8 if self.family == "int8" else 4
@@ -68,29 +100,36 @@ class QuantPaths:
         m = x.shape[0]
         out = self._own_candidates(x)
         for peer in ("tiny", "gemlite"):
-            if getattr(self, peer) is not None and (peer, m) not in self.rejected and self._peer_agrees(peer, x):
+            if self.offered[peer] and (peer, m) not in self.rejected and self._peer_agrees(peer, x):
                 out.append(dict(impl=peer))
         return out
 
     def launch(self, x: torch.Tensor, cfg: dict) -> torch.Tensor:
         impl = cfg["impl"]
+        if impl == "quant":
+            return quant_gemv(x, self.tensors, {k: v for k, v in cfg.items() if k != "impl"})
+        layout = self.layout(cfg)
         if impl == "w8":
-            return gemv_int8.launch(x, self.w8, cfg)
+            return gemv_int8.launch(x, layout, cfg)
         if impl == "w4":
-            return gemv_int4.launch(x, self.w4, cfg)
+            return gemv_int4.launch(x, layout, cfg)
         if impl == "tiny":
-            return tinygemm(x, self.tiny)
-        if impl == "gemlite":
-            return self.gemlite(x)
-        return quant_gemv(x, self.tensors, {k: v for k, v in cfg.items() if k != "impl"})
+            return tinygemm(x, layout)
+        return layout(x)  # gemlite's layer is a callable
 
     def choice(self, x: torch.Tensor) -> dict:
         """The launch config the tuner keeps for x's token count (timed on first use)."""
-        key = ("quant_paths", *self.signature, x.shape[0])
+        m = x.shape[0]
+        key = ("quant_paths", *self.signature, m)
         cfg = remembered(key)
         if cfg is None:
             cfg = tuned(key, self.candidates(x), lambda c: self.launch(x, c))
-        self.chosen[x.shape[0]] = cfg["impl"]
+        if self.configs.get(m) is not cfg:
+            self.chosen[m], self.configs[m] = cfg["impl"], cfg
+            if not capturing():
+                if cfg["impl"] != "quant":
+                    self.layout(cfg)  # first, so that pruning keeps it
+                self._prune()
         return cfg
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,9 +138,11 @@ class QuantPaths:
 
     def _peer_agrees(self, peer: str, x: torch.Tensor) -> bool:
         """True when `peer`'s output for x matches our own kernel's (else it is left out, said once)."""
-        if torch.cuda.is_current_stream_capturing():
+        if capturing():
             return False  # no checks inside a capture: the warm-up tunes first
         try:
+            if self.layout(dict(impl=peer)) is None:
+                raise ValueError("it has no layout for this weight")
             got = self.launch(x, dict(impl=peer)).float()
         except Exception as e:  # noqa: BLE001 - a peer failing on a shape is skipped, not fatal
             self.rejected.add((peer, x.shape[0]))
@@ -119,9 +160,9 @@ class QuantPaths:
         return True
 
     def describe(self) -> str:
-        names = [n for n, have in (("gemv_int8", self.w8), ("gemv_int4", self.w4)) if have is not None]
+        names = [n for n, impl in (("gemv_int8", "w8"), ("gemv_int4", "w4")) if self.offered[impl]]
         names.append("quant_gemv")
-        names += [n for n, have in (("tinygemm", self.tiny), ("gemlite", self.gemlite)) if have is not None]
+        names += [n for n, impl in (("tinygemm", "tiny"), ("gemlite", "gemlite")) if self.offered[impl]]
         return "|".join(names)
 
 

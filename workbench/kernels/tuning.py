@@ -35,7 +35,7 @@ def tuned(key: Hashable, candidates: Sequence[dict], launch: Callable[[dict], ob
         _BEST[key] = saved
         return saved
     if (len(candidates) == 1 or os.environ.get("WORKBENCH_TUNE", "1") == "0" or not torch.cuda.is_available()
-            or torch.cuda.is_current_stream_capturing()):
+            or capturing()):
         _BEST[key] = candidates[0]
         return candidates[0]
     best, best_ms, failed = None, float("inf"), []
@@ -158,6 +158,11 @@ def split_for(n_tiles: int, k_steps: int, sms: int, waves: int = 4) -> list[int]
 
 def sm_count(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if torch.cuda.is_available() else 1
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (False on a CPU-only build)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def remembered(key: Hashable) -> dict | None:
