@@ -58,3 +58,7 @@ for p in ("int4-g64", "int3-g64"):
     print(f"| {p} | " + " | ".join(cells) + " |")
 PY
 fi
+
+# auto at int4-g64's size, choosing per module among calibrated formats (a 20-minute scan on 2 cores)
+python -m workbench.cli eval --precision auto --budget-bits 4.25 \
+    --auto-formats int3-g64-gptq,int4-g128-gptq,int4-g64-gptq,int4-g32-gptq,int8 --json > "$out/eval_auto-4.25bpw-gptq.json"
