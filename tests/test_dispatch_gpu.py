@@ -139,21 +139,58 @@ def test_a_sparse_layer_drops_its_transposed_weight_unless_a_sparse_gemv_is_chos
         assert (kernel._sparse is None) == (m == 8), m  # W^T only once a sparse GEMV serves a token count
 
 
+def _greedy_steps(engine, prompts, steps, fed=None):
+    """Prefill `prompts` (reference path), then `steps` graphed decode steps: each slot is fed its own
+    greedy token, or `fed[t]` (teacher forcing). Returns the (steps, S, V) logits and the (steps, S) tokens
+    fed."""
+    from workbench.runtime import Decoder, SlotKVCache
+    from workbench.runtime.graphs import GraphedStep
+    decoder, cache = Decoder(engine.model), SlotKVCache.for_model(engine.model, len(prompts), 64)
+    slots = list(range(len(prompts)))
+    with torch.inference_mode():
+        with engine.dense_prefill():
+            first = torch.stack([decoder.prefill(cache, s, torch.tensor(engine.tokenizer(p)["input_ids"], device="cuda"))
+                                 for s, p in zip(slots, prompts)])
+        step = GraphedStep(decoder, cache)
+        active = torch.ones(len(prompts), dtype=torch.long, device="cuda")
+        token, logits, tokens = first.argmax(-1), [], []
+        for t in range(steps):
+            token = token if fed is None else fed[t]
+            tokens.append(token)
+            logits.append(step(cache, token).clone())
+            cache.advance(active, slots)
+            token = logits[-1].argmax(-1)
+    return torch.stack(logits), torch.stack(tokens)
+
+
 @pytest.mark.parametrize("precision", ["none", "int8"])
 def test_greedy_decode_is_the_same_through_sparse_kernels_and_the_masked_dense_path(precision, monkeypatch):
+    """Greedy under the sparse kernels, then the same tokens through the masked input and cuBLAS / the
+    dense int8 GEMV: both paths choose the same token at 90% of the steps or more, and elsewhere the sparse
+    path's token is among the masked path's top three (a near-tie on random weights: the paths sum in
+    different orders, and a value that rounds across the threshold changes the next mask). Comparing
+    free-running texts instead fails at such a tie and then diverges for the rest."""
     from workbench import Engine, Policy
     from workbench.transforms import wrappers
     prompts = ["The quick brown fox", "Sparse kernels for decoding", "abc"]
-    out = {}
+    logits = {}
+    fed = None
     for pin in ("sparse", "masked"):
         monkeypatch.setenv("WORKBENCH_SPARSE_PATH", pin)
         engine = Engine.from_pretrained("synthetic:smollm2-135m", device="cuda", dtype=torch.bfloat16,
                                         policy=Policy.uniform(sparsity=0.5, rule="threshold", precision=precision))
-        out[pin] = engine.generate(prompts, max_new_tokens=24)
+        logits[pin], tokens = _greedy_steps(engine, prompts, 24, fed)
+        fed = tokens if fed is None else fed
         chosen = {p for _, w in wrappers(engine.model) if w.kernel for p in w.kernel.chosen.values()}
         assert chosen and (("sparse" in chosen or "sparse_v1" in chosen) if pin == "sparse"
                            else chosen <= {"masked_cublas", "w8", "quant", "gemlite"}), chosen
-    assert out["sparse"] == out["masked"]
+    sparse, masked = logits["sparse"], logits["masked"]
+    cos = torch.nn.functional.cosine_similarity(sparse, masked, dim=-1)
+    assert (cos > 0.97).all(), cos.min()  # as the captured-step test allows a calibrated cut
+    pick = sparse.argmax(-1, keepdim=True)
+    rank = (masked > masked.gather(-1, pick)).sum(-1)  # 0 where the masked path picks the same token
+    assert (rank <= 2).all(), rank.max()  # a swap among near-tied top tokens, never an unrelated token
+    assert (rank == 0).float().mean() >= 0.9, rank  # and ties stay the exception
 
 
 def test_a_format_without_a_kernel_falls_back_to_the_reference_and_says_so_once(caplog):
