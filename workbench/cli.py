@@ -377,10 +377,26 @@ def cmd_loadtest(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from workbench.export.gguf import check_gguf, check_target, export_gguf, format_report
+    if args.check_tokens < 2:
+        raise InputError("--check-tokens must be at least 2")
+    check_target(Path(args.out), args.force)  # before the (slow) model load
+    engine = _engine(args)
+    report = export_gguf(engine, args.out, allow_requantize=args.allow_requantize, weights_only=args.weights_only,
+                         force=args.force, progress=not args.json)
+    if not args.no_check:
+        report["check"] = check_gguf(engine, args.out, max_tokens=args.check_tokens)
+    report_path = Path(args.out).with_suffix(Path(args.out).suffix + ".report.json")
+    report_path.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
 COMMANDS = {"info": cmd_info, "generate": cmd_generate, "eval": cmd_eval, "lab": cmd_lab,
             "calibrate": cmd_calibrate, "sensitivity": cmd_sensitivity, "provision": cmd_provision,
             "bench": cmd_bench, "finetune": cmd_finetune, "serve": cmd_serve,
-            "loadtest": cmd_loadtest}
+            "loadtest": cmd_loadtest, "export": cmd_export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -359,6 +359,20 @@ class Engine:
             self.last_latency_ms = (time.perf_counter() - t0) * 1e3
 
     # ---- measured facts --------------------------------------------------------------------------------
+    def export(self, path, format: str = "gguf", check: bool = True, **options) -> dict:
+        """Write the model under the current policy for another engine to serve; the export report.
+
+        `format="gguf"` (llama.cpp, transformers): exact GGML types where they hold the format, see
+        `workbench.export.gguf` for `allow_requantize`, `weights_only`, `force`. With `check` the file is
+        read back by transformers and its KLD / top-1 against this policy and the unmodified model added."""
+        if format != "gguf":
+            raise InputError(f"export format must be gguf, got {format!r}")
+        from workbench.export.gguf import check_gguf, export_gguf
+        report = export_gguf(self, path, **options)
+        if check:
+            report["check"] = check_gguf(self, path)
+        return report
+
     def stats(self) -> dict:
         """Measured per-module facts: parameters, bytes by format, achieved sparsity, last latency."""
         with self._lock:

@@ -1,0 +1,140 @@
+"""GGUF export (`workbench.export.gguf`): the file transformers' GGUF loader reads back computes exactly the
+policy model's logits where a GGML type holds the format, re-quantizes only when asked, and bad input is
+one line with nothing written."""
+import json
+import os
+
+import pytest
+import torch
+
+from workbench import Engine, Policy
+from workbench.cli import main
+from workbench.errors import InputError
+from workbench.export import gguf as gguf_export
+
+pytest.importorskip("gguf")
+
+
+def _engine(precision="int4-g32", model="synthetic:tiny-llama", **kw):
+    return Engine.from_pretrained(model, device="cpu", policy=Policy.uniform(precision=precision, **kw))
+
+
+def _read_back(engine, path):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    ids = torch.tensor([engine.tokenizer("def export(model): return model.to('gguf')  # exact?")["input_ids"]])
+    with torch.inference_mode():
+        return model(ids).logits[0], engine.forward(ids)[0].float()
+
+
+@pytest.mark.parametrize("precision, head, types", [
+    ("int4-g32", None, {"Q4_0", "F32"}),
+    ("int4-g32-asym", "int4-g32", {"Q4_1", "Q4_0", "F32"}),
+    ("bf16", None, {"BF16", "F32"}),
+])
+def test_exact_formats_read_back_bit_for_bit(tmp_path, precision, head, types):
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu",
+                                    policy=Policy.uniform(precision=precision, head=head))
+    report = gguf_export.export_gguf(engine, tmp_path / "m.gguf", progress=False)
+    assert set(report["by_type"]) == types and not report["requantized"]
+    exported, policy = _read_back(engine, tmp_path / "m.gguf")
+    if precision == "bf16":  # the same weights, but the workbench multiplies a bf16 cast in bf16 and the
+        # reader in float32: the logits differ by activation rounding only
+        assert torch.nn.functional.cosine_similarity(exported, policy, dim=-1).min() > 0.9999
+    else:
+        assert torch.equal(exported, policy)
+
+
+def test_the_default_model_exports_exactly_with_its_tokenizer(tmp_path):
+    """Tied embeddings, grouped-query attention, its RoPE base and its BPE tokenizer and chat template."""
+    from transformers import AutoTokenizer
+    engine = _engine(model="default")
+    path = tmp_path / "default.gguf"
+    report = gguf_export.export_gguf(engine, path, progress=False)
+    assert report["by_type"]["Q4_0"]["tensors"] == 210 and "output.weight" not in {r["name"] for r in report["tensors"]}
+    exported, policy = _read_back(engine, path)
+    assert torch.equal(exported, policy)
+    tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    text = "def f(x):\n    return x ** 2  # squared"
+    assert tok(text)["input_ids"] == engine.tokenizer(text)["input_ids"]
+    assert tok.chat_template == engine.tokenizer.chat_template
+    check = gguf_export.check_gguf(engine, path, max_tokens=128)
+    assert check["vs_policy"]["kld_mean"] < 1e-9 and check["vs_policy"]["top1"] == 1.0
+    assert check["vs_reference"]["kld_mean"] > 1e-3  # int4 is not the unmodified model: the check can tell
+
+
+def test_a_format_without_an_exact_type_is_refused_or_requantized_on_request(tmp_path):
+    engine = _engine("int8")
+    path = tmp_path / "m.gguf"
+    with pytest.raises(InputError, match="no exact GGML type"):
+        gguf_export.export_gguf(engine, path, progress=False)
+    assert not os.listdir(tmp_path)
+    report = gguf_export.export_gguf(engine, path, allow_requantize=True, progress=False)
+    assert report["by_type"]["Q8_0"]["tensors"] == 14 and len(report["requantized"]) == 14
+    check = gguf_export.check_gguf(engine, path, max_tokens=128)
+    assert 0 < check["vs_policy"]["kld_mean"] < 1e-3  # Q8_0's blocks of 32 are not per-row int8, but close
+
+
+def test_runtime_only_settings_need_weights_only_and_go_to_a_sidecar(tmp_path):
+    engine = _engine("int4-g32", sparsity=0.5)
+    path = tmp_path / "m.gguf"
+    with pytest.raises(InputError, match="weights-only"):
+        gguf_export.export_gguf(engine, path, progress=False)
+    report = gguf_export.export_gguf(engine, path, weights_only=True, progress=False)
+    sidecar = json.loads(open(report["sidecar"]).read())
+    assert "activation sparsity (topk, 0.5 of the inputs)" in sidecar["runtime_only"]
+
+
+def test_a_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
+    engine = _engine()
+    calls = []
+
+    def broken(e, heads, kv_heads):
+        calls.append(e["name"])
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return real(e, heads, kv_heads)
+    real = gguf_export._tensor_bytes
+    monkeypatch.setattr(gguf_export, "_tensor_bytes", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        gguf_export.export_gguf(engine, tmp_path / "m.gguf", progress=False)
+    assert not os.listdir(tmp_path)
+
+
+def test_an_architecture_the_writer_does_not_know_is_one_line(tmp_path):
+    with pytest.raises(InputError, match="not 'qwen2'"):
+        gguf_export.export_gguf(_engine(model="synthetic:tiny-qwen2"), tmp_path / "m.gguf", progress=False)
+
+
+def test_cli_export_and_its_bad_inputs(tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    assert main(["export", "--model", "synthetic:tiny-llama", "--precision", "int4-g32", "--out", str(out),
+                 "--check-tokens", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "Q4_0" in printed and "KLD 0.00e+00 / top-1 1.000 against the policy model" in printed
+    assert json.loads((tmp_path / "m.gguf.report.json").read_text())["check"]["vs_policy"]["top1"] == 1.0
+    for argv, message in (
+            (["--out", str(out)], "exists: pass --force"),
+            (["--out", str(tmp_path / "missing" / "m.gguf")], "does not exist"),
+            (["--out", str(tmp_path / "n.gguf"), "--precision", "int4-g64"], "no exact GGML type"),
+            (["--out", str(tmp_path / "n.gguf"), "--check-tokens", "1"], "--check-tokens"),
+            (["--out", str(tmp_path / "n.gguf"), "--format", "onnx"], "invalid choice")):
+        assert _cli(["export", "--model", "synthetic:tiny-llama", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "n.gguf").exists()
+
+
+def _cli(argv):
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own usage errors exit from inside the parser
+        return e.code
+
+
+def test_engine_export_checks_what_it_wrote(tmp_path):
+    engine = _engine()
+    report = engine.export(tmp_path / "m.gguf", progress=False)
+    assert report["check"]["vs_policy"]["top1"] == 1.0 and report["check"]["vs_policy"]["kld_mean"] < 1e-9
+    with pytest.raises(InputError, match="gguf"):
+        engine.export(tmp_path / "m.onnx", format="onnx")

@@ -1,0 +1,1 @@
+"""Export the engine's model under its policy to the formats serving engines load (`export.gguf`)."""
