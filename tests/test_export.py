@@ -30,6 +30,7 @@ def _read_back(engine, path):
 @pytest.mark.parametrize("precision, head, types", [
     ("int4-g32", None, {"Q4_0", "F32"}),
     ("int4-g32-asym", "int4-g32", {"Q4_1", "Q4_0", "F32"}),
+    ("int8-g32", None, {"Q8_0", "F32"}),
     ("bf16", None, {"BF16", "F32"}),
 ])
 def test_exact_formats_read_back_bit_for_bit(tmp_path, precision, head, types):
@@ -138,3 +139,16 @@ def test_engine_export_checks_what_it_wrote(tmp_path):
     assert report["check"]["vs_policy"]["top1"] == 1.0 and report["check"]["vs_policy"]["kld_mean"] < 1e-9
     with pytest.raises(InputError, match="gguf"):
         engine.export(tmp_path / "m.onnx", format="onnx")
+
+
+def test_int8_in_groups_is_its_own_format_next_to_int8_blocks():
+    from workbench.formats.packed import WEIGHT_FORMATS
+    from workbench.policy import parse_precision
+    g, block = parse_precision("int8-g32"), parse_precision("int8-block32")
+    assert (g.format, g.group_size, g.label) == ("int8g", 32, "int8-g32") and block.label == "int8-block32"
+    w = torch.randn(64, 96)
+    store = WEIGHT_FORMATS.get("int8g").quantize(w, g)
+    assert store.nbytes == WEIGHT_FORMATS.get("int8g").expected_bytes(g, (64, 96)) == 64 * 96 + 2 * 64 * 3
+    from workbench.formats.quant import sqnr_db
+    int4 = WEIGHT_FORMATS.get("int4").quantize(w, parse_precision("int4-g32"))
+    assert sqnr_db(w, store.dequantize()) > sqnr_db(w, int4.dequantize()) + 20  # 4 more bits: ~24 dB

@@ -444,6 +444,8 @@ def parse_precision(text: str) -> Weights:
         m = re.fullmatch(r"(g|block)(\d+)", part)
         if m:
             group = int(m.group(2))
+            if name == "int8" and m.group(1) == "g":  # int8 in groups along K, not b x b blocks
+                name = "int8g"
         elif part == "asym":
             symmetric = False
         elif part in QUANT_METHODS:

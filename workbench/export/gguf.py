@@ -9,6 +9,7 @@ Each tensor goes out in the GGML type that holds its stored format exactly, bit 
     ----------------------------------+-----------+-------------------------------------------------
     int4-g32 (symmetric)              | Q4_0      | fp16 scale per 32, w = (q - 8) * d: our arithmetic
     int4-g32-asym                     | Q4_1      | fp16 scale and minimum per 32, w = q * d + m
+    int8-g32 (symmetric)              | Q8_0      | fp16 scale per 32, w = q * d, q in [-128, 127]
     the model's float32 / bf16 / fp16 | F32 / BF16 / F16 | a copy
     (and casts to fp32 / bf16 / fp16) |           |
 
@@ -44,14 +45,16 @@ def exact_type(store) -> str | None:
     fmt, spec = store.fmt.name, store.spec
     if fmt in CAST_FORMATS and fmt != "none":
         return CAST_FORMATS[fmt]
-    if fmt == "int4" and spec.group_size == 32 and store.tensors["scale"].dtype == torch.float16:
+    if spec.group_size == 32 and fmt in ("int4", "int8g") and store.tensors["scale"].dtype == torch.float16:
+        if fmt == "int8g":
+            return "Q8_0" if spec.symmetric else None
         return "Q4_0" if spec.symmetric else "Q4_1"
     return None
 
 
 def nearest_type(store) -> str:
     """What a format with no exact GGML type is re-quantized to (`allow_requantize`)."""
-    if store.fmt.name in ("int8", "fp8"):
+    if store.fmt.name in ("int8", "int8g", "fp8"):
         return "Q8_0"
     return "Q4_0" if store.spec.symmetric else "Q4_1"
 
@@ -69,6 +72,15 @@ def pack_q4(store) -> np.ndarray:
     if "min" in t:
         parts.append(t["min"].cpu().numpy().astype(np.float16).view(np.uint8).reshape(n, k // 32, 2))
     return np.concatenate(parts + [qs], axis=-1).reshape(n, -1)
+
+
+def pack_q8(store) -> np.ndarray:
+    """Our int8-g32 tensors as Q8_0 blocks, (N, K / 32 * 34) uint8: the fp16 scale, then 32 signed codes."""
+    t = store.tensors
+    codes = (t["q"].cpu().to(torch.int16) - 128).to(torch.int8).numpy()
+    n, k = codes.shape
+    d = t["scale"].cpu().numpy().astype(np.float16).view(np.uint8).reshape(n, k // 32, 2)
+    return np.concatenate([d, codes.view(np.uint8).reshape(n, k // 32, 32)], axis=-1).reshape(n, -1)
 
 
 def rotary_rows(n: int, heads: int) -> torch.Tensor:
@@ -155,7 +167,7 @@ def export_gguf(engine, out: str | Path, allow_requantize: bool = False, weights
     if inexact and not allow_requantize:
         shown = ", ".join(sorted({e.get("format", e["type"]) for e in inexact}))
         raise InputError(f"{len(inexact)} tensor(s) ({shown}) have no exact GGML type: use int4-g32 (Q4_0), "
-                         "int4-g32-asym (Q4_1) or a float format, or pass --allow-requantize")
+                         "int4-g32-asym (Q4_1), int8-g32 (Q8_0) or a float format, or pass --allow-requantize")
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".partial", dir=out.parent)
     os.close(fd)
@@ -204,7 +216,7 @@ def _tensor_bytes(e: dict, heads: int, kv_heads: int) -> tuple[np.ndarray, int]:
         t = store.tensors["q"] if perm is None else store.tensors["q"][perm]
         data = _float_array(t, e["type"])
     elif e["exact"]:
-        data = pack_q4(store)
+        data = pack_q8(store) if e["type"] == "Q8_0" else pack_q4(store)
         data = data if perm is None else data[perm.numpy()]
     else:  # re-quantize the weight this storage represents to the nearest GGML type
         w = want if perm is None else want[perm]

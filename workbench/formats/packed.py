@@ -34,12 +34,17 @@ class WeightFormat:
     dequantize_fn: Callable | None = None  # (tensors, spec) -> float32 (N, K)
     doc: str = ""
     kernel_family: str | None = None  # "dense" (a cast the model's dtype can use), "int8", "int4", or None
-    bits: int | None = None  # a grouped low-bit format (int4, int3, int2): bits per value; None otherwise
+    bits: int | None = None  # a grouped format (int8g, int4, int3, int2): bits per value; None otherwise
+    spelling: str | None = None  # how labels spell it when the registry name differs (int8g: int8-gN)
+
+    @property
+    def display(self) -> str:
+        return self.spelling or self.name
 
     def labels(self) -> list[str]:
         """Every spelling of this format a menu offers (``int4-g32`` ... ``int4-g256-asym``)."""
         if self.bits:
-            return [f"{self.name}-g{g}" for g in INT4_GROUPS] + [f"{self.name}-g{g}-asym" for g in INT4_GROUPS]
+            return [f"{self.display}-g{g}" for g in INT4_GROUPS] + [f"{self.display}-g{g}-asym" for g in INT4_GROUPS]
         if self.name == "int8":
             return ["int8", "int8-block64", "int8-block128"]
         return [self.name]
@@ -50,11 +55,11 @@ class WeightFormat:
             raise PolicyError(f"weight format {self.name!r} takes no group size, got {spec.group_size}")
         if self.bits:
             if spec.group_size is None:
-                raise PolicyError(f"weight format {self.name!r} needs a group size: "
-                                  + ", ".join(f"{self.name}-g{g}" for g in INT4_GROUPS[:-1])
-                                  + f" or {self.name}-g{INT4_GROUPS[-1]}")
+                raise PolicyError(f"weight format {self.display!r} needs a group size: "
+                                  + ", ".join(f"{self.display}-g{g}" for g in INT4_GROUPS[:-1])
+                                  + f" or {self.display}-g{INT4_GROUPS[-1]}")
             if spec.group_size not in INT4_GROUPS:
-                raise PolicyError(f"{self.name} group size must be one of {', '.join(map(str, INT4_GROUPS))}, "
+                raise PolicyError(f"{self.display} group size must be one of {', '.join(map(str, INT4_GROUPS))}, "
                                   f"got {spec.group_size}")
         if not spec.symmetric and not self.bits:
             raise PolicyError(f"weight format {self.name!r} is symmetric only; asymmetric is an option of the "
@@ -64,7 +69,7 @@ class WeightFormat:
         if self.name == "int8" and spec.group_size:
             return f"int8-block{spec.group_size}"
         if self.bits:
-            return f"{self.name}-g{spec.group_size}" + ("" if spec.symmetric else "-asym")
+            return f"{self.display}-g{spec.group_size}" + ("" if spec.symmetric else "-asym")
         return self.name
 
     def check_shape(self, spec: Weights, shape: tuple[int, int], fqn: str, embedding: bool = False) -> None:
@@ -201,6 +206,12 @@ def _register() -> None:
         else quant.quantize_int8_channel(w),
         lambda t, spec: quant.dequantize_int8_block(t) if spec.group_size else quant.dequantize_int8_channel(t),
         doc="symmetric, per-row scale or absmax per b x b block", kernel_family="int8"))
+    # int8 in groups along K, one fp16 scale per group: llama.cpp's Q8_0 at g32 (exported bit for bit)
+    WEIGHT_FORMATS.register("int8g", WeightFormat(
+        "int8g", lambda w, spec: quant.quantize_grouped(w, 8, spec.group_size, spec.symmetric),
+        lambda t, spec: quant.dequantize_grouped(t, 8),
+        doc="int8 in groups of g along K (spelled int8-gN), fp16 scales, symmetric or asymmetric", bits=8,
+        spelling="int8"))
     for bits in (4, 3, 2):  # int3/int2 have no GPU kernel yet: the reference path serves them, said once
         WEIGHT_FORMATS.register(f"int{bits}", WeightFormat(
             f"int{bits}", lambda w, spec, b=bits: quant.quantize_grouped(w, b, spec.group_size, spec.symmetric),

@@ -42,6 +42,8 @@ def pack_bits(q: torch.Tensor, bits: int) -> torch.Tensor:
     (bits = 4 is `pack_int4`'s layout)."""
     if bits == 4:
         return pack_int4(q)
+    if bits == 8:  # one code per byte
+        return q.to(torch.uint8)
     n, k = q.shape
     per = PER_WORD[bits]
     words = q.to(torch.int32).reshape(n, k // per, per)
@@ -54,6 +56,8 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """The inverse of `pack_bits`: (N, K * bits / 8) uint8 -> (N, K) uint8."""
     if bits == 4:
         return unpack_int4(packed)
+    if bits == 8:
+        return packed
     n = packed.shape[0]
     per, nbytes = PER_WORD[bits], PER_WORD[bits] * bits // 8
     b = packed.to(torch.int32).reshape(n, -1, nbytes)
@@ -126,7 +130,7 @@ LOW_BIT_SEARCH = SCALE_SEARCH + (0.7, 0.65, 0.6, 0.55, 0.5)
 
 def quantize_grouped(w: torch.Tensor, bits: int, group: int, symmetric: bool = True,
                      importance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """int4/int3/int2 in groups of `group` along K: fp16 scale (and minimum) per group, the scale searched
+    """int8/int4/int3/int2 in groups of `group` along K: fp16 scale (and minimum) per group, the scale searched
     per group for the least squared round-trip error; with `importance` (K,) (an input channel's mean
     squared activation: `formats.imatrix`) the error of each input channel counts that much."""
     n, k = w.shape
