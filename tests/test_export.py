@@ -152,3 +152,27 @@ def test_int8_in_groups_is_its_own_format_next_to_int8_blocks():
     from workbench.formats.quant import sqnr_db
     int4 = WEIGHT_FORMATS.get("int4").quantize(w, parse_precision("int4-g32"))
     assert sqnr_db(w, store.dequantize()) > sqnr_db(w, int4.dequantize()) + 20  # 4 more bits: ~24 dB
+
+
+def test_a_gguf_file_is_a_model_and_a_damaged_one_is_one_line(tmp_path, monkeypatch, capsys):
+    from workbench.errors import ModelError
+    monkeypatch.setenv("WORKBENCH_CACHE", str(tmp_path / "cache"))
+    engine = _engine()
+    path = tmp_path / "m.gguf"
+    gguf_export.export_gguf(engine, path, progress=False)
+    back = Engine.from_pretrained(str(path), device="cpu")  # converted once, cached under the file's hash
+    ids = torch.tensor([engine.tokenizer("a gguf file as the model")["input_ids"]])
+    assert torch.equal(back.forward(ids), engine.forward(ids))
+    assert back.tokenizer("a gguf file as the model")["input_ids"] == ids[0].tolist()
+    assert Engine.from_pretrained(str(path), device="cpu").loaded.source == back.loaded.source
+    assert main(["info", "--model", str(path)]) == 0 and "llama" in capsys.readouterr().out
+    data = path.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.gguf").write_text("not a model")
+    for name, message in (("cut.gguf", "truncated or corrupt"), ("text.gguf", "not a GGUF file"),
+                          ("absent.gguf", "not found")):
+        with pytest.raises(ModelError, match=message):
+            Engine.from_pretrained(str(tmp_path / name), device="cpu")
+        assert main(["info", "--model", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

@@ -14,7 +14,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _policy_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="'default', a model folder, a hub id, or synthetic:NAME")
+    p.add_argument("--model", default="default",
+                   help="'default', a model folder, a .gguf file, a hub id, or synthetic:NAME")
     p.add_argument("--policy", metavar="FILE.json", help="policy file (overrides the shorthand flags)")
     p.add_argument("--sparsity", type=float, default=0.0, help="model-wide activation sparsity in [0, 1)")
     p.add_argument("--sparsity-rule", default=None,

