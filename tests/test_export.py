@@ -90,11 +90,11 @@ def test_a_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
     engine = _engine()
     calls = []
 
-    def broken(e, heads, kv_heads):
+    def broken(e, *args):
         calls.append(e["name"])
         if len(calls) == 3:
             raise RuntimeError("disk full")
-        return real(e, heads, kv_heads)
+        return real(e, *args)
     real = gguf_export._tensor_bytes
     monkeypatch.setattr(gguf_export, "_tensor_bytes", broken)
     with pytest.raises(RuntimeError, match="disk full"):
@@ -102,9 +102,18 @@ def test_a_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("model", ["synthetic:tiny-qwen2", "synthetic:tiny-mistral"])
+def test_other_architectures_export_exactly(tmp_path, model):
+    """Qwen2 (biases on q / k / v, kept as loaded; no rotary row order) and Mistral (written as llama)."""
+    engine = _engine(model=model)
+    gguf_export.export_gguf(engine, tmp_path / "m.gguf", progress=False)
+    exported, policy = _read_back(engine, tmp_path / "m.gguf")
+    assert torch.equal(exported, policy)
+
+
 def test_an_architecture_the_writer_does_not_know_is_one_line(tmp_path):
-    with pytest.raises(InputError, match="not 'qwen2'"):
-        gguf_export.export_gguf(_engine(model="synthetic:tiny-qwen2"), tmp_path / "m.gguf", progress=False)
+    with pytest.raises(InputError, match="not 'gemma3_text'"):
+        gguf_export.export_gguf(_engine(model="synthetic:tiny-gemma3"), tmp_path / "m.gguf", progress=False)
 
 
 def test_cli_export_and_its_bad_inputs(tmp_path, capsys):

@@ -35,7 +35,8 @@ import torch
 
 from workbench.errors import InputError
 
-ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # transformers model_type -> GGUF architecture
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> GGUF architecture
+ROTARY_PERMUTED = {"llama"}  # llama.cpp's converter reorders q / k rows for these architectures only
 FLOAT_TYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 CAST_FORMATS = {"fp32": "F32", "bf16": "BF16", "fp16": "F16", "none": None}
 
@@ -115,7 +116,8 @@ def tensor_plan(engine) -> list[dict]:
         gname = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         if gname is None:
             raise InputError(f"GGUF export: no GGUF name for {hf} in the {arch} layout")
-        plan.append(_entry(gname, stores.get(fqn), param.detach()))
+        store = stores.get(fqn) if hf.endswith(".weight") else None  # a bias stays as loaded
+        plan.append(_entry(gname, store, param.detach()))
     head = stores.get("lm_head")
     tied = getattr(config, "tie_word_embeddings", False)
     embed_store = next((stores[f] for f, _ in embedding_modules(model) if f in stores), None)
@@ -176,7 +178,7 @@ def export_gguf(engine, out: str | Path, allow_requantize: bool = False, weights
         _metadata(writer, engine, config)
         rows = []
         for e in bar(plan, desc="exporting", unit="tensor", enabled=progress):
-            data, nbytes = _tensor_bytes(e, heads, kv_heads)
+            data, nbytes = _tensor_bytes(e, heads, kv_heads, arch in ROTARY_PERMUTED)
             writer.add_tensor(e["name"], data, raw_dtype=getattr(gguf.GGMLQuantizationType, e["type"]))
             rows.append({"name": e["name"], "type": e["type"], "exact": e["exact"], "bytes": nbytes,
                          "format": e.get("format", e["type"].lower())})
@@ -199,12 +201,12 @@ def export_gguf(engine, out: str | Path, allow_requantize: bool = False, weights
     return report
 
 
-def _tensor_bytes(e: dict, heads: int, kv_heads: int) -> tuple[np.ndarray, int]:
+def _tensor_bytes(e: dict, heads: int, kv_heads: int, permuted: bool = True) -> tuple[np.ndarray, int]:
     """The tensor as gguf's writer takes it (float array, or packed uint8 rows), checked when exact."""
     import gguf
     name, store = e["name"], e["store"]
     perm = None
-    if name.endswith("attn_q.weight") or name.endswith("attn_k.weight"):
+    if permuted and (name.endswith("attn_q.weight") or name.endswith("attn_k.weight")):
         n = store.shape[0] if store is not None else e["tensor"].shape[0]
         perm = rotary_rows(n, heads if name.endswith("attn_q.weight") else kv_heads)
     if store is None:
