@@ -185,3 +185,15 @@ def test_a_gguf_file_is_a_model_and_a_damaged_one_is_one_line(tmp_path, monkeypa
         assert main(["info", "--model", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_auto_mixture_of_exact_formats_exports_exactly(tmp_path):
+    from workbench.formats.mixed_precision import with_auto_precision
+    from workbench.formats.sensitivity import scan
+    engine = _engine("none")
+    sens = scan(engine, ["int4-g32", "int8-g32"], tokens=32, progress=False)
+    engine.reconfigure(with_auto_precision(Policy.identity(), sens, budget_bits=6.0))
+    report = gguf_export.export_gguf(engine, tmp_path / "m.gguf", progress=False)
+    assert {"Q4_0", "Q8_0"} <= set(report["by_type"]) and not report["requantized"]  # a real mixture
+    exported, policy = _read_back(engine, tmp_path / "m.gguf")
+    assert torch.equal(exported, policy)
