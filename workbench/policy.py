@@ -442,10 +442,8 @@ def parse_precision(text: str) -> Weights:
     name, group, symmetric, method, sparse = parts[0], None, True, "rtn", False
     for part in parts[1:]:
         m = re.fullmatch(r"(g|block)(\d+)", part)
-        if m:
-            group = int(m.group(2))
-            if name == "int8" and m.group(1) == "g":  # int8 in groups along K, not b x b blocks
-                name = "int8g"
+        if m:  # int8-gN: int8 in groups along K (the int8g format), not b x b blocks
+            group, name = int(m.group(2)), "int8g" if name == "int8" and m.group(1) == "g" else name
         elif part == "asym":
             symmetric = False
         elif part in QUANT_METHODS:
