@@ -209,13 +209,13 @@ def _tensor_bytes(e: dict, heads: int, kv_heads: int, permuted: bool = True) -> 
     if permuted and (name.endswith("attn_q.weight") or name.endswith("attn_k.weight")):
         n = store.shape[0] if store is not None else e["tensor"].shape[0]
         perm = rotary_rows(n, heads if name.endswith("attn_q.weight") else kv_heads)
-    if store is None:
-        t = e["tensor"] if perm is None else e["tensor"][perm]
+    if store is None:  # everything moves to the CPU first: an engine on a GPU exports the same file
+        t = e["tensor"].cpu() if perm is None else e["tensor"].cpu()[perm]
         return _float_array(t, e["type"]), t.numel() * t.element_size()
     qtype = getattr(gguf.GGMLQuantizationType, e["type"])
-    want = store.dequantize().float()
+    want = store.dequantize().float().cpu()
     if e["type"] in ("F32", "BF16", "F16"):
-        t = store.tensors["q"] if perm is None else store.tensors["q"][perm]
+        t = store.tensors["q"].cpu() if perm is None else store.tensors["q"].cpu()[perm]
         data = _float_array(t, e["type"])
     elif e["exact"]:
         data = pack_q8(store) if e["type"] == "Q8_0" else pack_q4(store)
