@@ -6,7 +6,8 @@ keeps the fastest that computes the same weight. Both take our packed tensors, r
 * tinygemm (`torch.ops.aten._weight_int4pack_mm`, bf16 only): fast at 1-2 tokens, collapses from ~4 on;
 * gemlite (optional: `pip install gemlite`; a maintained Triton library): A16Wn for int4 groups (HQQ's
   w = (q - zero) * scale, our symmetric zero is 8, asymmetric zero = -min / scale), A16W8 for int8 per
-  channel. Absent: skipped silently. Present but failing on a shape: skipped with one log line.
+  channel, on shapes it tiles exactly (`gemlite_fits`). Absent: skipped silently. Present but failing on
+  a shape: skipped with one log line.
 """
 from __future__ import annotations
 
@@ -81,9 +82,21 @@ def _gemlite():
     return gemlite
 
 
+# gemlite's split-K kernels read their group scales without a mask when K is not a multiple of
+# BLOCK_SIZE_K x SPLIT_K (up to 4096 in its H100 configs), and may read past N's last tile: on SmolLM2's
+# 576 x 576 at 27 tokens that was an illegal address, which no try/except survives (the CUDA context is
+# lost for the process). So it is offered only on shapes every config of it tiles exactly.
+GEMLITE_K_MULTIPLE, GEMLITE_N_MULTIPLE = 4096, 256
+
+
 def gemlite_fits(tensors: dict, family: str, dtype: torch.dtype) -> bool:
-    """Whether gemlite is installed and has a layout for this weight (it may still refuse the shape)."""
+    """Whether gemlite is installed, has a layout for this weight, and tiles its shape exactly (it may
+    still refuse the shape)."""
     if not gemlite_available() or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    q = tensors["q"]
+    n, k = q.shape[0], q.shape[1] * (2 if family == "int4" else 1)
+    if k % GEMLITE_K_MULTIPLE or n % GEMLITE_N_MULTIPLE:
         return False
     return family == "int4" or (family == "int8" and tensors["scale"].dim() == 1)  # no b x b block scales
 
