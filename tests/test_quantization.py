@@ -168,6 +168,17 @@ def test_tied_head_and_embedding_share_one_packed_table(sample_ids):
     assert engine.stats()["fallbacks"]["model.embed_tokens"].startswith("int8-block32 -> int8 (an embedding needs")
 
 
+def test_a_quantized_gemma_embedding_keeps_its_sqrt_d_scale(sample_ids):
+    """Gemma multiplies its embedding rows by sqrt(hidden size) in the embedding's forward: a quantized
+    table must too (found by the compressed-tensors export's read-back: logits off by that factor's effect)."""
+    engine = Engine.from_pretrained("synthetic:tiny-gemma3", device="cpu",
+                                    policy=Policy.uniform(precision="fp32", head="fp32"))
+    emb = engine.model.get_input_embeddings()  # wrapped: a cast of the float32 table, so the same rows
+    assert float(emb.base.embed_scale) == pytest.approx(emb.base.weight.shape[1] ** 0.5)
+    assert emb.is_workbench_embedding and torch.equal(emb(sample_ids), emb.base(sample_ids))
+    assert torch.equal(engine.forward(sample_ids), engine.reference_logits(sample_ids))
+
+
 def test_keep_reference_false_releases_and_reloads(sample_ids):
     lean = Engine.from_pretrained("synthetic:tiny-llama", device="cpu", keep_reference=False,
                                   policy=Policy.uniform(precision="int8"))

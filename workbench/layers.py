@@ -192,7 +192,9 @@ class WorkbenchEmbedding(nn.Module):
         if self.bypass:
             return self.base(ids)
         rows = self.store.dequantize_rows(ids.reshape(-1))  # (n, D) float32
-        return rows.to(self.base.weight.dtype).reshape(*ids.shape, -1)
+        out = rows.to(self.base.weight.dtype).reshape(*ids.shape, -1)
+        scale = getattr(self.base, "embed_scale", None)  # Gemma's scaled embedding multiplies by sqrt(D)
+        return out if scale is None else out * scale.to(out.dtype)
 
     def compute_weight_bytes(self) -> int:
         return self.store.nbytes
