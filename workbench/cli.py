@@ -378,16 +378,18 @@ def cmd_loadtest(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from workbench.export.gguf import check_gguf, check_target, export_gguf, format_report
+    from workbench.export import EXPORTERS
+    from workbench.export.common import check_target, format_report
     if args.check_tokens < 2:
         raise InputError("--check-tokens must be at least 2")
-    check_target(Path(args.out), args.force)  # before the (slow) model load
+    check_target(Path(args.out), args.force, folder=args.format == "compressed-tensors")  # before the model load
     engine = _engine(args)
-    report = export_gguf(engine, args.out, allow_requantize=args.allow_requantize, weights_only=args.weights_only,
-                         force=args.force, progress=not args.json)
+    write, check = EXPORTERS[args.format]
+    report = write(engine, args.out, allow_requantize=args.allow_requantize, weights_only=args.weights_only,
+                   force=args.force, progress=not args.json)
     if not args.no_check:
-        report["check"] = check_gguf(engine, args.out, max_tokens=args.check_tokens)
-    report_path = Path(args.out).with_suffix(Path(args.out).suffix + ".report.json")
+        report["check"] = check(engine, args.out, max_tokens=args.check_tokens)
+    report_path = Path(str(args.out) + ".report.json")  # beside the export, never inside what it wrote
     report_path.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report) if args.json else format_report(report))
     return 0

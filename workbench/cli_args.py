@@ -116,19 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", metavar="FILE.json", help="also write the results here")
     bench.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
-    ex = sub.add_parser("export", help="write the model under its policy to GGUF (llama.cpp, transformers), "
-                                       "bit for bit where a GGML type holds the format")
+    ex = sub.add_parser("export", help="write the model under its policy to GGUF (llama.cpp, transformers) or a "
+                                       "compressed-tensors folder (vLLM, transformers), exact where a type holds "
+                                       "the format")
     _policy_options(ex)
-    ex.add_argument("--format", choices=("gguf",), default="gguf", help="file format (gguf)")
-    ex.add_argument("--out", required=True, metavar="PATH", help="the file to write (refused if it exists)")
+    ex.add_argument("--format", choices=("gguf", "compressed-tensors"), default="gguf",
+                    help="gguf: one file; compressed-tensors: a folder (default gguf)")
+    ex.add_argument("--out", required=True, metavar="PATH", help="the file or folder to write (refused if it exists)")
     ex.add_argument("--force", action="store_true", help="replace PATH if it exists")
     ex.add_argument("--allow-requantize", action="store_true",
-                    help="re-quantize formats with no exact GGML type to the nearest one (listed in the report)")
+                    help="re-quantize formats with no exact type in the target format to the nearest one "
+                         "(listed in the report)")
     ex.add_argument("--weights-only", action="store_true",
                     help="export the weights of a policy with activation sparsity or attention selectors, and "
                          "write those settings into PATH.runtime.json")
     ex.add_argument("--no-check", action="store_true",
-                    help="skip reading the file back with transformers and measuring its KLD")
+                    help="skip reading the export back with transformers and measuring its KLD")
     ex.add_argument("--check-tokens", type=int, default=512, help="held-out tokens the read-back check scores")
     ex.add_argument("--json", action="store_true", help="print the report as one JSON object")
 

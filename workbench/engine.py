@@ -362,15 +362,17 @@ class Engine:
     def export(self, path, format: str = "gguf", check: bool = True, **options) -> dict:
         """Write the model under the current policy for another engine to serve; the export report.
 
-        `format="gguf"` (llama.cpp, transformers): exact GGML types where they hold the format, see
-        `workbench.export.gguf` for `allow_requantize`, `weights_only`, `force`. With `check` the file is
-        read back by transformers and its KLD / top-1 against this policy and the unmodified model added."""
-        if format != "gguf":
-            raise InputError(f"export format must be gguf, got {format!r}")
-        from workbench.export.gguf import check_gguf, export_gguf
-        report = export_gguf(self, path, **options)
+        `format="gguf"` (one file for llama.cpp and transformers) or `"compressed-tensors"` (a folder for
+        vLLM and transformers), exact where the format holds the policy's storage; see `workbench.export`
+        for `allow_requantize`, `weights_only`, `force`. With `check` the export is read back by
+        transformers and its KLD / top-1 against this policy and the unmodified model added."""
+        from workbench.export import EXPORTERS
+        if format not in EXPORTERS:
+            raise InputError(f"export format must be one of {', '.join(EXPORTERS)}, got {format!r}")
+        write, read_back = EXPORTERS[format]
+        report = write(self, path, **options)
         if check:
-            report["check"] = check_gguf(self, path)
+            report["check"] = read_back(self, path)
         return report
 
     def stats(self) -> dict:

@@ -24,9 +24,7 @@ and chat template as metadata. The `gguf` package does the file format; the pack
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 
 from workbench.errors import InputError
+from workbench.export.common import by_type, check_target, refuse_runtime_only, score_reader, staged, write_sidecar
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> GGUF architecture
 ROTARY_PERMUTED = {"llama"}  # llama.cpp's converter reorders q / k rows for these architectures only
@@ -158,10 +157,7 @@ def export_gguf(engine, out: str | Path, allow_requantize: bool = False, weights
     from workbench.progress import progress as bar
     out = Path(out)
     check_target(out, force)
-    runtime = runtime_only_settings(engine.policy)
-    if runtime and not weights_only:
-        raise InputError(f"GGUF has no place for {'; '.join(runtime)}: export with --weights-only to write "
-                         "the weights and put these settings in a sidecar JSON")
+    runtime = refuse_runtime_only(engine.policy, weights_only, "GGUF")
     config = engine.model.config
     arch = _architecture(config)
     plan = tensor_plan(engine)
@@ -171,9 +167,7 @@ def export_gguf(engine, out: str | Path, allow_requantize: bool = False, weights
         raise InputError(f"{len(inexact)} tensor(s) ({shown}) have no exact GGML type: use int4-g32 (Q4_0), "
                          "int4-g32-asym (Q4_1), int8-g32 (Q8_0) or a float format, or pass --allow-requantize")
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".partial", dir=out.parent)
-    os.close(fd)
-    try:
+    with staged(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         _metadata(writer, engine, config)
         rows = []
@@ -186,18 +180,11 @@ def export_gguf(engine, out: str | Path, allow_requantize: bool = False, weights
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)  # whole or not at all
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     report = {"format": "gguf", "path": str(out), "architecture": arch, "policy": engine.policy.name,
               "tensors": rows, "requantized": [r["name"] for r in rows if not r["exact"]],
-              "bytes": out.stat().st_size, "by_type": _by_type(rows)}
+              "bytes": out.stat().st_size, "by_type": by_type(rows)}
     if runtime:
-        sidecar = out.with_suffix(out.suffix + ".runtime.json")
-        sidecar.write_text(json.dumps({"policy": engine.policy.name, "runtime_only": runtime}, indent=1) + "\n")
-        report["sidecar"] = str(sidecar)
+        report["sidecar"] = write_sidecar(out, engine.policy, runtime)
     return report
 
 
@@ -288,89 +275,16 @@ def _rope_theta(config) -> float:
     return float(getattr(config, "rope_theta", None) or 10000.0)
 
 
-def runtime_only_settings(policy) -> list[str]:
-    """The settings of `policy` that GGUF and compressed-tensors cannot carry (activation sparsity,
-    attention selectors), as sentences."""
-    out = []
-    for setting in [policy.default] + [r.setting for r in policy.rules]:
-        sp, att = setting.sparsity, setting.attention
-        if not sp.is_identity:
-            out.append(f"activation sparsity ({sp.rule}, {sp.target:g} of the inputs)")
-        if not att.is_identity:
-            out.append(f"attention selector {att.selector}" + (f" (budget {att.budget})" if att.budget else ""))
-    return sorted(set(out))
-
-
-def check_target(out: Path, force: bool) -> None:
-    """One line for a target that must not be written: it exists (without `force`), or its folder is
-    missing or not writable."""
-    if out.exists() and not force:
-        raise InputError(f"{out} exists: pass --force to replace it")
-    if not out.parent.exists():
-        raise InputError(f"{out.parent} does not exist")
-    if not os.access(out.parent, os.W_OK):
-        raise InputError(f"{out.parent} is not writable")
-
-
-def _by_type(rows: list[dict]) -> dict:
-    out: dict = {}
-    for r in rows:
-        slot = out.setdefault(r["type"], {"tensors": 0, "bytes": 0})
-        slot["tensors"] += 1
-        slot["bytes"] += r["bytes"]
-    return out
-
-
 def check_gguf(engine, path: str | Path, max_tokens: int = 512, seq_len: int = 256) -> dict:
     """Read the exported file back with transformers' GGUF loader (an independent reader) and score its
     next-token distributions on held-out text against the engine's policy model and the unmodified one."""
     from transformers import AutoModelForCausalLM
-
-    from workbench.corpus import load_text, token_windows
-    from workbench.evaluate import compare_logits
-    path = Path(path)
     from transformers import modeling_gguf_pytorch_utils as reader
+    path = Path(path)
     bar = reader.tqdm
     reader.tqdm = lambda items, **kwargs: items  # its own dequantization bar: one more line per export
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     finally:
         reader.tqdm = bar
-    model.eval()
-    text, _ = load_text(None, "heldout")
-    windows = token_windows(engine.tokenizer, text, min(seq_len, engine.max_positions), max_tokens)
-    parts: dict[str, list[torch.Tensor]] = {}
-    with torch.inference_mode():
-        for window in windows:
-            ids = window[None]
-            exported = model(ids).logits[0, :-1].float()
-            policy = engine.forward(ids.to(engine.device))[0, :-1].float().cpu()
-            reference = engine.reference_logits(ids.to(engine.device))[0, :-1].float().cpu()
-            for against, logits in (("policy", policy), ("reference", reference)):
-                for key, value in compare_logits(logits, exported, ids[0, 1:]).items():
-                    parts.setdefault(f"{against}_{key}", []).append(value)
-    m = {k: torch.cat(v).double() for k, v in parts.items()}
-    return {"reader": "transformers (GGUF)", "tokens": int(m["policy_kld"].numel()),
-            "vs_policy": {"kld_mean": m["policy_kld"].mean().item(), "top1": m["policy_same_top1"].mean().item()},
-            "vs_reference": {"kld_mean": m["reference_kld"].mean().item(),
-                             "top1": m["reference_same_top1"].mean().item()}}
-
-
-def format_report(report: dict) -> str:
-    """The export report as a short table."""
-    lines = [f"{report['path']}: {report['bytes'] / 2**20:.1f} MiB, {report['architecture']}, policy {report['policy']}",
-             f"{'type':>6} {'tensors':>8} {'MiB':>9}"]
-    for typ, slot in sorted(report["by_type"].items()):
-        lines.append(f"{typ:>6} {slot['tensors']:>8} {slot['bytes'] / 2**20:9.2f}")
-    if report["requantized"]:
-        lines.append(f"re-quantized (no exact GGML type): {len(report['requantized'])} tensor(s), e.g. "
-                     + ", ".join(report["requantized"][:3]))
-    check = report.get("check")
-    if check:
-        lines.append(f"read back by {check['reader']} on {check['tokens']} held-out tokens: "
-                     f"KLD {check['vs_policy']['kld_mean']:.2e} / top-1 {check['vs_policy']['top1']:.3f} against "
-                     f"the policy model, KLD {check['vs_reference']['kld_mean']:.4f} / top-1 "
-                     f"{check['vs_reference']['top1']:.3f} against the unmodified model")
-    if report.get("sidecar"):
-        lines.append(f"runtime-only settings: {report['sidecar']}")
-    return "\n".join(lines)
+    return score_reader(engine, model, "transformers (GGUF)", max_tokens, seq_len)
