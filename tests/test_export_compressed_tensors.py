@@ -153,3 +153,20 @@ def test_cli_export_and_its_bad_inputs(tmp_path, capsys):
 def test_engine_export_takes_the_format(tmp_path):
     report = _engine().export(tmp_path / "m", format="compressed-tensors", progress=False)
     assert report["check"]["vs_policy"]["kld_mean"] < 1e-9
+
+
+def test_auto_can_keep_vllm_fused_layers_in_one_format(tmp_path):
+    from workbench.formats.mixed_precision import fused, with_auto_precision
+    from workbench.formats.sensitivity import scan
+    engine = _engine("none")
+    sens = scan(engine, ["int4-g32", "int8-g32"], tokens=32, progress=False)
+    merged = fused(sens)
+    assert "model.layers.0.self_attn.q_proj|k_proj|v_proj" in merged.units and len(merged.units) == 2 * 4
+    qkv = merged.units["model.layers.0.self_attn.q_proj|k_proj|v_proj"]
+    assert merged.kld["model.layers.0.self_attn.q_proj|k_proj|v_proj"]["int8-g32"] == pytest.approx(
+        sum(sens.kld[u]["int8-g32"] for u, fqns in sens.units.items() if fqns[0] in qkv))
+    engine.reconfigure(with_auto_precision(Policy.identity(), sens, budget_bits=6.0, keep_fused=True))
+    report = ct_export.export_compressed_tensors(engine, tmp_path / "m", progress=False)
+    assert report["config_groups"] == 2 and report["vllm_fused_conflicts"] == []  # a real mixture, vLLM-loadable
+    exported, policy = _read_back(engine, tmp_path / "m")
+    assert torch.equal(exported, policy)

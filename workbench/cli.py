@@ -28,6 +28,8 @@ def _policy_from_args(args):
             raise InputError("--budget-bits goes with --precision auto")
         if args.auto_formats is not None and args.precision != "auto":
             raise InputError("--auto-formats goes with --precision auto")
+        if getattr(args, "auto_keep_fused", False) and args.precision != "auto":
+            raise InputError("--auto-keep-fused goes with --precision auto")
         if args.auto_formats is not None:
             _format_list(args.auto_formats)  # a bad name fails before the model loads
         precision = "none" if args.precision == "auto" else args.precision
@@ -56,17 +58,19 @@ def _engine(args):
     policy = _policy_from_args(args)  # validate before the (slow) model load
     engine = Engine.from_pretrained(args.model, policy=policy, device=args.device)
     if getattr(args, "precision", None) == "auto":
-        engine.reconfigure(_auto_precision(engine, policy, args.budget_bits, args.auto_formats))
+        engine.reconfigure(_auto_precision(engine, policy, args.budget_bits, args.auto_formats,
+                                           getattr(args, "auto_keep_fused", False)))
     return engine
 
 
-def _auto_precision(engine, base, budget_bits: float, formats: str | None = None):
+def _auto_precision(engine, base, budget_bits: float, formats: str | None = None, keep_fused: bool = False):
     """Measured sensitivity (cached; 14+ minutes the first time on the default model) -> formats under
     the budget, composed with the shorthand policy."""
     from workbench.formats.mixed_precision import with_auto_precision
     from workbench.formats.sensitivity import DEFAULT_FORMATS, cached_scan
     chosen = DEFAULT_FORMATS if formats is None else _format_list(formats)
-    return with_auto_precision(base, cached_scan(engine, chosen, progress=True), budget_bits=budget_bits)
+    return with_auto_precision(base, cached_scan(engine, chosen, progress=True), budget_bits=budget_bits,
+                               keep_fused=keep_fused)
 
 
 def _format_list(text: str) -> tuple[str, ...]:

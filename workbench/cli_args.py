@@ -35,6 +35,8 @@ def _policy_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auto-formats", default=None,
                    help="comma-separated formats --precision auto chooses from, methods included (e.g. "
                         "int4-g64,int4-g64-gptq,int3-g64-gptq,int8); default the sensitivity scan's")
+    p.add_argument("--auto-keep-fused", action="store_true",
+                   help="--precision auto gives q|k|v and gate|up of a layer one format each (vLLM fuses them)")
     p.add_argument("--head-precision", default=None,
                    help="weight format for the embedding table and lm_head (default: left as loaded)")
     p.add_argument("--attention", default="dense", help="attention selector NAME[:BUDGET], e.g. dense")

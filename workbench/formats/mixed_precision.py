@@ -136,15 +136,47 @@ def allocate(sensitivity, budget_bytes: int | None = None, budget_bits: float | 
     return Allocation(assignment, spent, predicted, 8 * spent / total_params)
 
 
+FUSED_PARTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # one fused layer each in vLLM
+
+
+def fused(sensitivity):
+    """`sensitivity` with the parts of each of vLLM's fused layers (q|k|v, gate|up of one decoder layer)
+    merged into one unit: its KLD per format the sum of the parts' (the additive model `allocate` already
+    assumes), its bytes the sum, and only the formats every part was scanned in. An allocation on it gives
+    the parts one format, as vLLM needs to load a compressed-tensors export."""
+    owner = {}
+    for u, fqns in sensitivity.units.items():
+        if len(fqns) != 1:
+            continue
+        parent, _, leaf = fqns[0].rpartition(".")
+        for parts in FUSED_PARTS:
+            if leaf in parts:
+                owner[u] = f"{parent}.{'|'.join(parts)}"
+    groups: dict[str, list[str]] = {}
+    for u in sensitivity.units:
+        groups.setdefault(owner.get(u, u), []).append(u)
+    units, params, kld, nbytes = {}, {}, {}, {}
+    for g, members in groups.items():
+        formats = set.intersection(*(set(sensitivity.kld[u]) for u in members))
+        units[g] = [f for u in members for f in sensitivity.units[u]]
+        params[g] = sum(sensitivity.params[u] for u in members)
+        kld[g] = {f: sum(sensitivity.kld[u][f] for u in members) for f in formats}
+        nbytes[g] = {f: sum(sensitivity.bytes[u][f] for u in members) for f in formats}
+    return dataclasses.replace(sensitivity, units=units, params=params, kld=kld, bytes=nbytes)
+
+
 def with_auto_precision(base: Policy, sensitivity, budget_bytes: int | None = None,
-                        budget_bits: float | None = None, name: str | None = None) -> Policy:
+                        budget_bits: float | None = None, name: str | None = None,
+                        keep_fused: bool = False) -> Policy:
     """`base` with each block linear's weight format chosen from the measured `sensitivity` to fit the
     budget, everything else of `base` (sparsity, attention, its own rules first) kept: the one way the
     CLI (`--precision auto`), the PrecisionTuner and notebook 04 compose `auto` with a policy.
 
+    With `keep_fused` the parts of vLLM's fused layers share one format (`fused`).
+
     >>> with_auto_precision(Policy.uniform(0.4), scan, budget_bits=5.0)  # doctest: +SKIP
     """
-    auto = auto_policy(sensitivity, budget_bytes, budget_bits)
+    auto = auto_policy(fused(sensitivity) if keep_fused else sensitivity, budget_bytes, budget_bits)
     rules = tuple(dataclasses.replace(r, setting=dataclasses.replace(base.default, weights=r.setting.weights))
                   for r in auto.rules)
     label = name or (auto.name if base.is_identity else f"{auto.name}+{base.name}")
