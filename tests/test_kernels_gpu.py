@@ -341,3 +341,30 @@ def test_scheduler_on_gpu_answers_every_request_as_sequential_greedy():
         requests = [scheduler.submit(p, SamplingParams(max_new_tokens=n), chat=False) for p, n in zip(prompts, lengths)]
         assert [r.result(timeout=120)["text"] for r in requests] == expected
         assert scheduler.prefills < len(prompts)
+
+
+def test_switching_back_to_a_policy_replays_the_graphs_it_captured():
+    """A -> B -> A under continuous batching: the second time under A the serving runner replays the decode
+    graph it captured the first time (the same object), and every answer equals the sequential greedy
+    answer under its policy."""
+    from workbench import Engine, Policy
+    from workbench import SamplingParams
+    from workbench.scheduler import Scheduler
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cuda", dtype=torch.float32)
+    a, b = Policy.uniform(precision="int8"), Policy.uniform(0.5, "topk", "int4-g32")
+    prompts = [f"switch {i} " + "word " * i for i in range(4)]
+
+    def sequential(policy):
+        engine.reconfigure(policy)
+        return [engine.generate([p], max_new_tokens=6, chat=False)[0] for p in prompts]
+    want = {"a": sequential(a), "b": sequential(b)}
+    with Scheduler(engine, max_num_seqs=4) as scheduler:
+        scheduler.set_policy(a)
+        scheduler.warm_up(32, policies=[a, b])
+        graphs = {}
+        for name, policy in (("a", a), ("b", b), ("a", a)):
+            scheduler.set_policy(policy)
+            got = [scheduler.submit(p, SamplingParams(max_new_tokens=6), chat=False) for p in prompts]
+            assert [r.result(timeout=120)["text"] for r in got] == want[name], name
+            graphs.setdefault(name, []).append(scheduler.runner.graph)
+        assert graphs["a"][0] is graphs["a"][1] and graphs["a"][0] is not graphs["b"][0]

@@ -7,7 +7,7 @@
 
 Its public surface is all that other modules use (a test greps the package for `engine._`):
 `exclusive()` (one caller at a time), `invalidate()` (modules changed: captured graphs are stale),
-`version`, `in_reference`, `dense_prefill()`, `runner(slots, capacity)` (the batch runner of
+`version` and `epoch` (which modules the model holds; `workbench.policy_builds`), `in_reference`, `dense_prefill()`, `runner(slots, capacity)` (the batch runner of
 `workbench.runtime`), `token_ids`, `finisher()`, `eos_ids()`, `check_context`.
 
 By default the unmodified weights stay in memory as the reference (for KL divergence, exact `unwrap`
@@ -30,6 +30,7 @@ from workbench.errors import InputError, PolicyError
 from workbench.memory import ReleasedOriginals, release_freed_memory
 from workbench.models import LoadedModel, load, model_summary
 from workbench.policy import Policy
+from workbench.policy_builds import PolicyBuilds
 from workbench.roles import linear_modules
 from workbench.runtime import hf
 from workbench.runtime.cache import cache_capacity
@@ -59,7 +60,10 @@ class Engine:
         # packed weights by (original, format): switching back to a seen format needs no requantization;
         # off when the engine runs lean (keep_reference=False), where memory is the point
         self.store_cache: dict | None = {} if keep_reference else None
-        self.version = 0  # bumped by `invalidate`: runners rebuild their graphs when it moves
+        # the policies run so far, so that switching back to one reuses its modules and graphs
+        self.builds = PolicyBuilds(enabled=keep_reference)
+        self.version = 0  # which set of modules the model holds: runners keep decoders and graphs per version
+        self.epoch = 0  # bumped by `invalidate`: every version before it is stale
         self.use_decode_loop = True  # False: transformers' generate even where our loop applies
         self._lock = threading.RLock()  # one forward at a time: widgets and servers call from threads
         self._reference_depth = 0
@@ -96,11 +100,13 @@ class Engine:
             yield self
 
     def invalidate(self) -> None:
-        """The model's modules changed (a policy, a LoRA attach, merge or unload): captured graphs are
-        stale. Every runner rebuilds before its next step; generate's own runner is dropped (its cache
-        is large on big models)."""
+        """The model's modules changed behind the policy (a LoRA attach, merge or unload): every graph and
+        every kept policy build is stale. Runners rebuild before their next step; generate's own runner is
+        dropped (its cache is large on big models)."""
         with self._lock:
-            self.version += 1
+            self.epoch += 1
+            self.builds.forget()
+            self.version = self.builds.new_version()
             self._runner = None
 
     @property
@@ -156,8 +162,12 @@ class Engine:
             self._ensure_calibration(policy)
             self.released.restore(self.model, self.loaded.name, self.loaded.source)
             hessians = self._hessians_for(policy)
-            self.invalidate()
-            apply_policy(self.model, policy, self.calibration, self.store_cache, hessians=hessians)
+            apply_policy(self.model, policy, self.calibration, self.store_cache, hessians=hessians,
+                         built=self.builds.wrappers)
+            self.version, fresh = self.builds.settle(policy.to_json(), self.model,
+                                                     reused=self.model.workbench_built_new == 0)
+            if fresh:
+                self._runner = None  # generate's runner: its cache is large on big models
             self.policy = policy
             self.reset_stats()
             if not self.keep_reference:

@@ -78,8 +78,11 @@ class WorkbenchLinear(nn.Module):
         self.input_cache: SharedInputCache | None = None  # set by apply_policy: one per model
         # counters are tensors so that a CUDA-graph replay of the decode step keeps counting
         where = base.weight.device if base.weight.device.type != "meta" else None
-        self.register_buffer("nonzero_seen", torch.zeros((), dtype=torch.int64, device=where), persistent=False)
-        self.register_buffer("entries_seen", torch.zeros((), dtype=torch.int64, device=where), persistent=False)
+        # normal tensors even when built inside inference mode (the scheduler's loop): a wrapper outlives the
+        # policy change that built it (`workbench.policy_builds`), and counts outside inference mode too
+        with torch.inference_mode(False):
+            for name in ("nonzero_seen", "entries_seen"):
+                self.register_buffer(name, torch.zeros((), dtype=torch.int64, device=where), persistent=False)
 
     @classmethod
     def from_linear(cls, base: nn.Linear, setting: Setting, fqn: str = "", role: str | None = None,

@@ -184,7 +184,8 @@ def run_loadtest(engine, requests: int = 16, rates=(math.inf,), prompt_tokens: i
         try:
             if controller_config is not None:
                 controller = ElasticController(scheduler, controller_config, warm=True)  # profiles its rungs
-            scheduler.warm_up(int(prompt_tokens * 1.5) + 1)  # graph captures (GPU) happen before the clock
+            # graph captures (GPU) happen before the clock, every rung's too
+            scheduler.warm_up(int(prompt_tokens * 1.5) + 1, policies=controller.policies if controller else ())
             if controller_config is not None:
                 last = [time.perf_counter()]
 

@@ -172,11 +172,25 @@ class Scheduler:
             self.engine.reconfigure(original)
         return times
 
-    def warm_up(self, max_prompt_tokens: int, timeout: float | None = None) -> int:
+    def warm_up(self, max_prompt_tokens: int, timeout: float | None = None, policies=()) -> int:
         """Capture the prefill graphs (GPU) of every bucket up to `max_prompt_tokens` and every batch the
         slots and the prefill budget allow, on free slots, so that no request pays for a capture later;
-        returns how many buckets were captured (none on a CPU). Load tests call it before timing."""
-        return self._in_loop(lambda: self._warm_up(max_prompt_tokens), timeout)
+        returns how many buckets were captured (none on a CPU). Load tests call it before timing. With
+        `policies` (an elastic ladder) the serving runner builds each one's decode and prefill graphs too,
+        then the policy in force is restored: a later switch to one of them replays those graphs
+        (`workbench.policy_builds`) instead of capturing while requests wait."""
+        return self._in_loop(lambda: self._warm_all(max_prompt_tokens, list(policies)), timeout)
+
+    def _warm_all(self, max_prompt_tokens: int, policies: list) -> int:
+        original, captured = self.engine.policy, 0
+        try:
+            for policy in policies:
+                self.engine.reconfigure(policy)
+                captured += self._warm_up(max_prompt_tokens)
+        finally:
+            if policies:
+                self.engine.reconfigure(original)
+        return captured + self._warm_up(max_prompt_tokens)
 
     def _warm_up(self, max_prompt_tokens: int) -> int:
         runner = self._runner()

@@ -99,11 +99,16 @@ def _check_attention(model: nn.Module, policy: Policy) -> None:
 
 
 def apply_policy(model: nn.Module, policy: Policy, calibration: Any = None,
-                 store_cache: dict | None = None, hessians: dict | None = None) -> nn.Module:
+                 store_cache: dict | None = None, hessians: dict | None = None,
+                 built: dict | None = None) -> nn.Module:
     """Apply `policy` in place and return the model.
 
     `store_cache` (a dict the caller keeps) remembers packed weights by (original weight, format), so
     switching back to a format seen before costs no requantization (what a live slider needs).
+    `built` (another dict the caller keeps) remembers whole wrappers by (layer, setting, calibration): a
+    layer switched back to a setting it had gets the very same module again, with its GPU kernels and
+    their weight layouts, so that graphs captured for it stay valid. `model.workbench_built_new` says how
+    many wrappers this call had to build (0: every layer is a module seen before, or the original).
     `hessians` ({fqn: (H, tokens)}, `formats.hessians`) serve the layers of a calibrated method (gptq).
 
     >>> from workbench.models import load
@@ -114,17 +119,27 @@ def apply_policy(model: nn.Module, policy: Policy, calibration: Any = None,
     cache = SharedInputCache()
     # (weight storage, format) -> packed weight: tied tables quantize once, revisited formats not at all
     stores: dict[tuple, nn.Module] = store_cache if store_cache is not None else {}
-    swaps = []  # build every wrapper first: a failure part-way leaves the model untouched
+    swaps, fresh = [], 0  # build every wrapper first: a failure part-way leaves the model untouched
     for step in sorted(steps, key=lambda s: s.role != "embed"):
         module = model.get_submodule(step.fqn)
-        swaps.append((step.fqn, module, _replacement(module, step, _calibration_for(calibration, step.fqn), stores,
-                                                     (hessians or {}).get(step.fqn))))
+        cal = _calibration_for(calibration, step.fqn)
+        key = (step.fqn, repr(step.setting))  # Setting holds a dict: its repr is the key
+        known = (built or {}).get(key)
+        if known is not None and known[0] is cal and known[1].base is _base(module):
+            replacement = known[1]
+        else:
+            replacement = _replacement(module, step, cal, stores, (hessians or {}).get(step.fqn))
+            fresh += _is_wrapper(replacement) and replacement is not module
+        if built is not None and _is_wrapper(replacement):
+            built[key] = (cal, replacement)
+        swaps.append((step.fqn, module, replacement))
     for fqn, module, replacement in swaps:
         if replacement is not module:
             model.set_submodule(fqn, replacement)
         if getattr(replacement, "is_workbench_linear", False):
             replacement.input_cache = cache
     _apply_attention(model, policy)
+    model.workbench_built_new = fresh
     model.workbench_policy = policy
     model.workbench_fallbacks = {step.fqn: step.fallback for step in steps if step.fallback}
     if model.workbench_fallbacks:
@@ -185,7 +200,7 @@ def unwrap(model: nn.Module) -> nn.Module:
         if getattr(module, "is_workbench_embedding", False):
             model.set_submodule(fqn, module.base)
     _apply_attention(model, Policy.identity())
-    for attr in ("workbench_policy", "workbench_fallbacks"):
+    for attr in ("workbench_policy", "workbench_fallbacks", "workbench_built_new"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model

@@ -10,20 +10,23 @@ Sequences join free cache slots between steps and are prefilled together in one 
 within a token budget, so a burst of prompts neither runs out of memory nor stalls decoding for long);
 every running sequence takes one token per step; finished ones leave and free their slot at once.
 
-It owns a decoder, a slot cache and the step (a CUDA graph on GPU), and rebuilds the decoder and graphs,
-keeping the cache, whenever the engine's modules changed (`engine.version`) or the reference is asked
-for (`engine.in_reference`: a graph would replay the policy). One sequence's failure (its prompt, its
+It owns a decoder, a slot cache and the step (a CUDA graph on GPU), and builds the decoder and graphs,
+keeping the cache, for each set of modules the engine holds (`engine.version`) and for the reference
+(`engine.in_reference`: a graph would replay the policy). It keeps the builds of the last few versions,
+so a switch back to a policy it ran replays the graphs it captured then (`workbench.policy_builds`). One sequence's failure (its prompt, its
 sampling) fails that sequence alone; a failed step fails the sequences it was stepping and the runner
 rebuilds; nothing is left holding a slot.
 """
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Callable, Iterator
 
 import torch
 
 from workbench.errors import InputError
+from workbench.policy_builds import KEEP_POLICIES
 from workbench.runtime.cache import SlotKVCache
 from workbench.runtime.decoder import Decoder
 from workbench.runtime.graphs import GraphedPrefill, GraphedStep
@@ -64,7 +67,8 @@ class BatchRunner:
         self.decoder: Decoder | None = None
         self.graph: GraphedStep | None = None
         self._prefill = None
-        self._built = None  # the (engine version, in reference) the decoder and graphs were built for
+        self._built = None  # the (engine epoch, version, in reference) the decoder and graphs in use are for
+        self._builds: OrderedDict[tuple, tuple] = OrderedDict()  # that key -> (decoder, graph, prefill)
 
     @property
     def slots(self) -> int:
@@ -80,22 +84,41 @@ class BatchRunner:
 
     # ---- building ------------------------------------------------------------------------------------
     def _ensure(self) -> None:
-        key = (self.engine.version, self.engine.in_reference)
+        key = (self.engine.epoch, self.engine.version, self.engine.in_reference)
         if self._built == key:
             return
-        self.decoder = Decoder(self.engine.model)
-        self.graph, self._prefill = None, self.decoder.prefill_batch
-        if self.engine.use_cuda_graphs and not self.decoder.sparse_attention and not self.engine.in_reference:
-            with torch.inference_mode():
-                self.graph = GraphedStep(self.decoder, self.cache)
-            self.engine.reset_stats()  # the warm-up steps are not traffic
-            if self.graphed_prefill:
-                self._prefill = GraphedPrefill(self.decoder, self.cache)
+        for old in [k for k in self._builds if k[0] != key[0]]:
+            del self._builds[old]  # built before the engine's modules changed behind its policy
+        build = self._builds.get(key)
+        if build is None:
+            build = self._build()
+            self._builds[key] = build
+            while len(self._builds) > KEEP_POLICIES + 1:  # the kept policies, and the reference
+                self._builds.popitem(last=False)
+        self._builds.move_to_end(key)
+        self.decoder, self.graph, self._prefill = build
         self._built = key
 
+    def _build(self) -> tuple:
+        decoder = Decoder(self.engine.model)
+        graph, prefill = None, decoder.prefill_batch
+        if self.engine.use_cuda_graphs and not decoder.sparse_attention and not self.engine.in_reference:
+            with torch.inference_mode():
+                graph = GraphedStep(decoder, self.cache)
+            self.engine.reset_stats()  # the warm-up steps are not traffic
+            if self.graphed_prefill:
+                prefill = GraphedPrefill(decoder, self.cache)
+        return decoder, graph, prefill
+
+    @property
+    def built_versions(self) -> list[int]:
+        """The engine versions this runner holds a decoder (and, on GPU, graphs) for, oldest first."""
+        return [key[1] for key in self._builds]
+
     def rebuild(self) -> None:
-        """Drop the decoder and graphs; the next admission or step builds them anew (the cache is kept)."""
+        """Drop the decoders and graphs; the next admission or step builds them anew (the cache is kept)."""
         self._built = None
+        self._builds.clear()
 
     @property
     def prefill_graphs(self) -> GraphedPrefill | None:
