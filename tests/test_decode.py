@@ -68,6 +68,33 @@ def test_batched_prefill_equals_prefilling_one_prompt_at_a_time(policy):
             torch.testing.assert_close(b[slot, :, :n], a[slot, :, :n], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("policy", [Policy(), Policy.uniform(0.5, "topk", "int8"), Policy.uniform(0.0, attention="topk:16")],
+                         ids=["dense", "sparse-int8", "sparse-attention"])
+def test_a_long_prompt_prefilled_in_chunks_is_the_same_math_as_one_pass(policy, monkeypatch):
+    """Chunk by chunk, each attending to the cached keys before it: the logits and the cache equal one
+    pass (no one-token last chunk: 301 = 3 x 100 + 1 runs as 100, 100, 101), and so does the greedy text."""
+    from workbench.runtime import decoder as decoder_module
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu", policy=policy)
+    ids = torch.randint(3, 250, (301,), generator=torch.Generator().manual_seed(0))
+    decoder = Decoder(engine.model)
+    whole, chunked = (SlotKVCache.for_model(engine.model, slots=2, capacity=512) for _ in range(2))
+    with torch.inference_mode(), engine.dense_prefill():
+        one = decoder.prefill(whole, 1, ids)
+        calls = []
+        engine.model.model.embed_tokens.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[1]))
+        parts = decoder.prefill_chunked(chunked, 1, ids, chunk=100)
+    assert calls == [100, 100, 101]
+    torch.testing.assert_close(parts, one, rtol=1e-5, atol=1e-5)
+    assert chunked.host_lengths == whole.host_lengths == [0, 301]
+    for a, b in zip(whole.keys + whole.values, chunked.keys + chunked.values):
+        torch.testing.assert_close(b[1, :, :301], a[1, :, :301], rtol=1e-5, atol=1e-5)
+    prompt = " ".join(f"w{i}" for i in range(40))  # about 160 byte-level tokens
+    want = engine.generate([prompt], max_new_tokens=8, chat=False)[0]
+    monkeypatch.setattr(decoder_module, "PREFILL_CHUNK", 32)  # prefill_batch now chunks this prompt
+    engine.invalidate()
+    assert engine.generate([prompt], max_new_tokens=8, chat=False)[0] == want
+
+
 def test_sequence_longer_than_cache_fails_before_any_work():
     engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
     calls = []

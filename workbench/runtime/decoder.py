@@ -20,6 +20,9 @@ from workbench.runtime.cache import ATTENTION_BLOCK, SlotKVCache, padded_batch
 from workbench.runtime.fused import _concatenate, fused_reason, fused_step
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+# A prompt longer than this is prefilled in chunks of it, each attending to the cache so far: the
+# activations of one pass stay those of 2048 tokens however long the prompt (vLLM's chunked prefill).
+PREFILL_CHUNK = 2048
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
@@ -86,11 +89,33 @@ class Decoder:
             return logits
         for n in lengths:
             cache.check_fits(n, 0)
+        if max(lengths) > PREFILL_CHUNK:  # long prompts one at a time, chunk by chunk
+            return torch.stack([self.prefill_chunked(cache, slot, p) for slot, p in zip(slots, prompts)])
         ids, rows, lengths_t = padded_batch(cache, slots, prompts, len(prompts), max(lengths))
         logits = self.prefill_padded(cache, ids, rows, lengths_t)
         for slot, n in zip(slots, lengths):
             cache.set_length(slot, n)
         return logits
+
+    def prefill_chunked(self, cache: SlotKVCache, slot: int, ids: torch.Tensor,
+                        chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+        """Write one prompt (T,) into `slot` `chunk` tokens per pass, each chunk attending to the cached keys
+        before it and causally to itself (the same math as one pass); the last position's logits (V,). A
+        progress bar from 8 chunks on."""
+        from workbench.progress import progress
+        cache.check_fits(ids.shape[0], 0)
+        rows, n = torch.tensor([slot], device=ids.device), ids.shape[0]
+        starts = list(range(0, n, chunk))
+        if len(starts) > 1 and n - starts[-1] == 1:
+            starts.pop()  # no one-token chunk: the layers would take it for a decode step (sparse rules apply)
+        ends = starts[1:] + [n]
+        for start, end in progress(list(zip(starts, ends)), desc="prefill", unit="chunk", enabled=len(starts) >= 8):
+            part = ids[start:end][None]
+            positions = torch.arange(start, start + part.shape[1], device=ids.device)[None]
+            lengths = torch.tensor([part.shape[1]], device=ids.device)
+            hidden = self._run(part, positions, cache, rows, prompt_lengths=lengths, offset=start)
+        cache.set_length(slot, n)
+        return self._logits(hidden[:, -1])[0]
 
     def prefill_padded(self, cache: SlotKVCache, ids: torch.Tensor, rows: torch.Tensor,
                        lengths: torch.Tensor) -> torch.Tensor:
@@ -122,19 +147,21 @@ class Decoder:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden)).float()
 
-    def _run(self, ids, positions, cache, rows: torch.Tensor, prompt_lengths: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, ids, positions, cache, rows: torch.Tensor, prompt_lengths: torch.Tensor | None,
+             offset: int = 0) -> torch.Tensor:
         """The layers over `ids` (B, T); row b lives in cache slot `rows[b]`. With `prompt_lengths` (B,) this
-        is a prefill from position 0 (rows right-padded to T); without, one decode token per slot."""
+        is a prefill from position `offset` (rows right-padded to T; a later chunk of one prompt when
+        `offset` > 0); without, one decode token per slot."""
         x = self.embed(ids)
         cos, sin = self.rotary(x, positions)
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
             x = x + self._attention(layer.self_attn, h, cos, sin, positions, rows, cache.keys[i],
-                                    cache.values[i], prompt_lengths)
+                                    cache.values[i], prompt_lengths, offset)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return x
 
-    def _attention(self, attn, h, cos, sin, positions, rows, k_cache, v_cache, prompt_lengths):
+    def _attention(self, attn, h, cos, sin, positions, rows, k_cache, v_cache, prompt_lengths, offset=0):
         b, t, _ = h.shape
         q = attn.q_proj(h).view(b, t, self.heads, self.head_dim)
         k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim)
@@ -148,11 +175,17 @@ class Decoder:
             keys, values = k_cache, v_cache
             valid = torch.arange(k_cache.shape[2], device=h.device)[None, :] <= positions  # (S, C)
             mask = valid[:, None, None, :]  # (S, 1, 1, C)
-        else:  # prefill from position 0: the prompt's own keys are all there is to attend to
+        elif offset == 0:  # prefill from position 0: the prompt's own keys are all there is to attend to
             k_cache[rows, :, :t] = k
             v_cache[rows, :, :t] = v
             keys, values = k, v
             mask = None  # causal: a real position never sees the padding after it
+        else:  # a later chunk of one prompt: the cached keys before it, and itself causally
+            k_cache[rows, :, offset:offset + t] = k
+            v_cache[rows, :, offset:offset + t] = v
+            keys, values = k_cache[rows, :, :offset + t], v_cache[rows, :, :offset + t]
+            seen = torch.arange(offset + t, device=h.device)[None, :] <= positions[0][:, None]  # (T, offset + T)
+            mask = seen[None, None]
         spec = getattr(attn, "workbench_attention", None)
         if getattr(attn, "workbench_capture", None) is not None or (spec is not None and not spec.is_identity):
             if mask is None:  # causal within each prompt; padded queries attend nowhere (not measured)
