@@ -102,9 +102,11 @@ def test_a_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
     assert not os.listdir(tmp_path)
 
 
-@pytest.mark.parametrize("model", ["synthetic:tiny-qwen2", "synthetic:tiny-mistral"])
+@pytest.mark.parametrize("model", ["synthetic:tiny-qwen2", "synthetic:tiny-mistral", "synthetic:tiny-gemma3"])
 def test_other_architectures_export_exactly(tmp_path, model):
-    """Qwen2 (biases on q / k / v, kept as loaded; no rotary row order) and Mistral (written as llama)."""
+    """Qwen2 (biases on q / k / v, kept as loaded; no rotary row order), Mistral (written as llama) and
+    Gemma 3 (norms stored as 1 + w, its own head size, sliding-window metadata, q / k norms, the scaled
+    and tied embedding)."""
     engine = _engine(model=model)
     gguf_export.export_gguf(engine, tmp_path / "m.gguf", progress=False)
     exported, policy = _read_back(engine, tmp_path / "m.gguf")
@@ -112,8 +114,9 @@ def test_other_architectures_export_exactly(tmp_path, model):
 
 
 def test_an_architecture_the_writer_does_not_know_is_one_line(tmp_path):
-    with pytest.raises(InputError, match="not 'gemma3_text'"):
-        gguf_export.export_gguf(_engine(model="synthetic:tiny-gemma3"), tmp_path / "m.gguf", progress=False)
+    with pytest.raises(InputError, match="not 'deepseek_v3'"):
+        gguf_export.export_gguf(_engine(model="synthetic:tiny-deepseek_v3"), tmp_path / "m.gguf", progress=False)
+    assert not os.listdir(tmp_path)
 
 
 def test_cli_export_and_its_bad_inputs(tmp_path, capsys):

@@ -19,8 +19,9 @@ per-row int8, int3/int2, fp8) is refused, or with `allow_requantize` re-quantize
 weight to the nearest type (Q8_0 for 8 bits, else Q4_0 / Q4_1), and the report names those tensors.
 
 The tensors are laid out as llama.cpp's own converter writes them (gguf's tensor-name map; q and k rows
-permuted for its rotary layout, which transformers' GGUF loader undoes), with the architecture, tokenizer
-and chat template as metadata. The `gguf` package does the file format; the packing is ours.
+permuted for its rotary layout, which transformers' GGUF loader undoes; Gemma 3's norms as 1 + w), with the
+architecture, tokenizer (BPE vocabularies) and chat template as metadata. The `gguf` package does the file
+format; the packing is ours.
 """
 from __future__ import annotations
 
@@ -34,8 +35,12 @@ import torch
 from workbench.errors import InputError
 from workbench.export.common import by_type, check_target, refuse_runtime_only, score_reader, staged, write_sidecar
 
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> GGUF architecture
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2",  # model_type -> GGUF architecture
+                 "gemma3_text": "gemma3"}
 ROTARY_PERMUTED = {"llama"}  # llama.cpp's converter reorders q / k rows for these architectures only
+# Gemma's RMSNorm scales by (1 + w); llama.cpp stores 1 + w (its converter adds 1, transformers' reader
+# subtracts it again: float32 rounding of that round trip is the one inexact step of a Gemma export)
+NORMS_PLUS_ONE = {"gemma3"}
 FLOAT_TYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 CAST_FORMATS = {"fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 
@@ -172,6 +177,8 @@ def export_gguf(engine, out: str | Path, allow_requantize: bool = False, weights
         _metadata(writer, engine, config)
         rows = []
         for e in bar(plan, desc="exporting", unit="tensor", enabled=progress):
+            if arch in NORMS_PLUS_ONE and e["store"] is None and e["name"].endswith("norm.weight"):
+                e = {**e, "tensor": e["tensor"].float() + 1}
             data, nbytes = _tensor_bytes(e, heads, kv_heads, arch in ROTARY_PERMUTED)
             writer.add_tensor(e["name"], data, raw_dtype=getattr(gguf.GGMLQuantizationType, e["type"]))
             rows.append({"name": e["name"], "type": e["type"], "exact": e["exact"], "bytes": nbytes,
@@ -240,6 +247,10 @@ def _metadata(writer, engine, config) -> None:
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(config.vocab_size)
+    if config.model_type == "gemma3_text":  # its head size is not hidden / heads, and half its layers slide
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_sliding_window(config.sliding_window)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
     logging.getLogger("gguf").setLevel(logging.ERROR)  # "no merges found" for byte-level vocabularies
     with tempfile.TemporaryDirectory() as tmp:  # gguf's vocabulary readers take a tokenizer folder
