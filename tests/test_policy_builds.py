@@ -121,3 +121,13 @@ def test_a_wrapper_built_in_inference_mode_counts_outside_it(sample_ids):
     with torch.no_grad():
         engine.forward(sample_ids)
     assert engine.stats()["achieved_sparsity"]["overall"] > 0.4
+
+
+def test_stats_report_the_kv_cache_generate_holds():
+    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu")
+    assert engine.stats()["kv_cache"] is None
+    engine.generate(["a prompt"], max_new_tokens=4, chat=False)
+    cfg = engine.model.config
+    kv = engine.stats()["kv_cache"]
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    assert kv["bytes"] == kv["slots"] * kv["capacity"] * per_token > 0

@@ -392,9 +392,14 @@ class Engine:
             facts.update(model=self.name, policy=self.policy.name, architecture=model_summary(self.model),
                          last_forward_ms=self.last_latency_ms, attention_recall=attention_recall(self.model),
                          fallbacks=dict(getattr(self.model, "workbench_fallbacks", {})),
-                         switch_cache_bytes=self._switch_cache_bytes())
+                         switch_cache_bytes=self._switch_cache_bytes(), kv_cache=self._kv_cache())
             facts["held_bytes"] = facts["weight_bytes"] + facts["reference_bytes"] + facts["switch_cache_bytes"]
             return facts
+
+    def _kv_cache(self) -> dict | None:
+        """The KV cache `generate` holds between calls: slots, tokens per slot, bytes (None before any)."""
+        cache = self._runner.cache if self._runner is not None else None
+        return None if cache is None else {"slots": cache.slots, "capacity": cache.capacity, "bytes": cache.nbytes}
 
     def _switch_cache_bytes(self) -> int:
         """Packed weights kept for instant switching back to a format, beyond those the policy uses now."""
