@@ -79,7 +79,9 @@ def _format_list(text: str) -> tuple[str, ...]:
     if not names:
         raise InputError("--auto-formats needs at least one format")
     for name in names:
-        parse_precision(name)  # one line for a bad name, before any work
+        if parse_precision(name).method == "awq":  # one line for a bad name, before any work
+            raise InputError(f"--auto-formats chooses per module, and awq scales a norm's whole group: {name} "
+                             "cannot be one of them")
     return names
 
 

@@ -26,8 +26,9 @@ def _policy_options(p: argparse.ArgumentParser) -> None:
                         "int4-g128, int3-gN, int2-gN (add -asym for asymmetric groups), or auto (with --budget-bits)")
     p.add_argument("--quant-method", default=None,
                    help="how --precision rounds: rtn (nearest, default), gptq (calibrated on the corpus; "
-                        "int4/int3/int2 groups and per-row int8) or imatrix (group scales weighted by the corpus's "
-                        "activations; groups); same as the precision suffix, e.g. int4-g64-gptq")
+                        "int4/int3/int2 groups and per-row int8), imatrix (group scales weighted by the corpus's "
+                        "activations; groups) or awq (input channels scaled by activation, folded into the norm "
+                        "that feeds q|k|v and gate|up); same as the precision suffix, e.g. int4-g64-gptq")
     p.add_argument("--calibrate-sparse", action="store_true",
                    help="a calibrated method on a sparsified layer sees the sparsified inputs it will get (the model "
                         "run under the policy's sparsity) instead of the unmodified model's; suffix -sparsecal")

@@ -27,6 +27,7 @@ import torch
 from workbench.accounting import weight_accounting
 from workbench.attention.backend import attention_recall, reset_recall
 from workbench.errors import InputError, PolicyError
+from workbench.formats.awq import NormFolds, groups as awq_groups
 from workbench.memory import ReleasedOriginals, release_freed_memory
 from workbench.models import LoadedModel, load, model_summary
 from workbench.policy import Policy
@@ -62,6 +63,7 @@ class Engine:
         self.store_cache: dict | None = {} if keep_reference else None
         # the policies run so far, so that switching back to one reuses its modules and graphs
         self.builds = PolicyBuilds(enabled=keep_reference)
+        self.norm_folds = NormFolds()  # awq's scales, folded into RMSNorm weights (the originals kept)
         self.version = 0  # which set of modules the model holds: runners keep decoders and graphs per version
         self.epoch = 0  # bumped by `invalidate`: every version before it is stale
         self.use_decode_loop = True  # False: transformers' generate even where our loop applies
@@ -161,9 +163,17 @@ class Engine:
                 self.calibration = calibration
             self._ensure_calibration(policy)
             self.released.restore(self.model, self.loaded.name, self.loaded.source)
-            hessians = self._hessians_for(policy)
-            apply_policy(self.model, policy, self.calibration, self.store_cache, hessians=hessians,
-                         built=self.builds.wrappers)
+            awq_groups(self.model, policy)  # a half-awq norm group is refused before anything changes
+            folded = self.norm_folds.restore(self.model)  # calibration inputs are the unmodified model's
+            try:
+                hessians = self._hessians_for(policy)
+                scales = self.norm_folds.plan(self.model, policy, hessians)
+                apply_policy(self.model, policy, self.calibration, self.store_cache, hessians=hessians,
+                             built=self.builds.wrappers, scales=scales)
+            except BaseException:
+                self.norm_folds.fold(self.model, folded)  # the old policy's norms, as they were
+                raise
+            self.norm_folds.fold(self.model, scales)
             self.version, fresh = self.builds.settle(policy.to_json(), self.model,
                                                      reused=self.model.workbench_built_new == 0)
             if fresh:
@@ -226,6 +236,7 @@ class Engine:
         with self._lock:
             self.invalidate()
             unwrap(self.model)
+            self.norm_folds.restore(self.model)
             self.policy = Policy.identity()
 
     @contextlib.contextmanager
@@ -235,11 +246,13 @@ class Engine:
             raise InputError("this engine released its original weights (keep_reference=False); "
                              "reference logits need keep_reference=True")
         with self._lock, bypassed(self.model):
+            folded = self.norm_folds.restore(self.model)
             self._reference_depth += 1
             try:
                 yield self
             finally:
                 self._reference_depth -= 1
+                self.norm_folds.fold(self.model, folded)
 
     # ---- tokens ----------------------------------------------------------------------------------------
     def uses_chat_template(self, chat: bool | None) -> bool:
@@ -392,7 +405,8 @@ class Engine:
             facts.update(model=self.name, policy=self.policy.name, architecture=model_summary(self.model),
                          last_forward_ms=self.last_latency_ms, attention_recall=attention_recall(self.model),
                          fallbacks=dict(getattr(self.model, "workbench_fallbacks", {})),
-                         switch_cache_bytes=self._switch_cache_bytes(), kv_cache=self._kv_cache())
+                         switch_cache_bytes=self._switch_cache_bytes(), kv_cache=self._kv_cache(),
+                         awq={n: f for n, f in self.norm_folds.facts.items() if n in self.norm_folds.folded})
             facts["held_bytes"] = facts["weight_bytes"] + facts["reference_bytes"] + facts["switch_cache_bytes"]
             return facts
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -100,7 +101,7 @@ def _check_attention(model: nn.Module, policy: Policy) -> None:
 
 def apply_policy(model: nn.Module, policy: Policy, calibration: Any = None,
                  store_cache: dict | None = None, hessians: dict | None = None,
-                 built: dict | None = None) -> nn.Module:
+                 built: dict | None = None, scales: dict | None = None) -> nn.Module:
     """Apply `policy` in place and return the model.
 
     `store_cache` (a dict the caller keeps) remembers packed weights by (original weight, format), so
@@ -110,6 +111,7 @@ def apply_policy(model: nn.Module, policy: Policy, calibration: Any = None,
     their weight layouts, so that graphs captured for it stay valid. `model.workbench_built_new` says how
     many wrappers this call had to build (0: every layer is a module seen before, or the original).
     `hessians` ({fqn: (H, tokens)}, `formats.hessians`) serve the layers of a calibrated method (gptq).
+    `scales` ({fqn: s}, `formats.awq`) are the input-channel scales of `awq` layers.
 
     >>> from workbench.models import load
     >>> model = load("synthetic:tiny-llama").model
@@ -123,12 +125,13 @@ def apply_policy(model: nn.Module, policy: Policy, calibration: Any = None,
     for step in sorted(steps, key=lambda s: s.role != "embed"):
         module = model.get_submodule(step.fqn)
         cal = _calibration_for(calibration, step.fqn)
-        key = (step.fqn, repr(step.setting))  # Setting holds a dict: its repr is the key
+        scale = (scales or {}).get(step.fqn)
+        key = (step.fqn, repr(step.setting), scale_digest(scale))  # Setting holds a dict: its repr is the key
         known = (built or {}).get(key)
         if known is not None and known[0] is cal and known[1].base is _base(module):
             replacement = known[1]
         else:
-            replacement = _replacement(module, step, cal, stores, (hessians or {}).get(step.fqn))
+            replacement = _replacement(module, step, cal, stores, (hessians or {}).get(step.fqn), scale)
             fresh += _is_wrapper(replacement) and replacement is not module
         if built is not None and _is_wrapper(replacement):
             built[key] = (cal, replacement)
@@ -150,26 +153,38 @@ def apply_policy(model: nn.Module, policy: Policy, calibration: Any = None,
     return model
 
 
-def _replacement(module: nn.Module, step: PlannedModule, cal: Any, stores: dict, hessian=None) -> nn.Module:
+def _replacement(module: nn.Module, step: PlannedModule, cal: Any, stores: dict, hessian=None,
+                 scale=None) -> nn.Module:
     """The module `step` asks for: the original, the current wrapper (unchanged setting), or a new one."""
     base = _base(module)
     identity = step.setting.weights.is_identity if step.role == "embed" else step.setting.linear_is_identity
     if identity:
         return base
-    if _is_wrapper(module) and module.setting == step.setting and getattr(module, "calibration", None) is cal:
+    if (_is_wrapper(module) and module.setting == step.setting and getattr(module, "calibration", None) is cal
+            and getattr(module, "awq_digest", None) == scale_digest(scale)):
         return module
-    key = store_key(base, step.setting)
+    key = store_key(base, step.setting) + ((scale_digest(scale),) if scale is not None else ())
     shared = stores.get(key) if not step.setting.weights.is_identity else None
     method = QUANT_METHODS.get(step.setting.weights.method)
-    if shared is None and method.needs_hessian and step.role != "embed":
+    if shared is None and method.name == "awq" and step.role != "embed":
+        shared = method.quantize(base.weight, step.setting.weights, name=step.fqn, scale=scale)
+    elif shared is None and method.needs_hessian and step.role != "embed":
         shared = method.quantize(base.weight, step.setting.weights, (hessian or (None,))[0], name=step.fqn)
     if step.role == "embed":
         wrapper = WorkbenchEmbedding(base, step.setting, step.fqn, store=shared)
     else:
         wrapper = WorkbenchLinear.from_linear(base, step.setting, step.fqn, step.role, cal, store=shared)
+    wrapper.awq_digest = scale_digest(scale)  # None unless the weight was rounded with awq input scales
     if wrapper.store is not None and base.weight.device.type != "meta":
         stores[key] = wrapper.store
     return wrapper
+
+
+def scale_digest(scale) -> str | None:
+    """A short fingerprint of an awq input scale (packed weights and wrappers are remembered under it)."""
+    if scale is None:
+        return None
+    return hashlib.sha256(scale.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
 def calibrated_as_run(setting) -> bool:

@@ -4,6 +4,8 @@
     gptq     GPTQ under the Hessian of the layer's calibration inputs (`formats.gptq`, `formats.hessians`)
     imatrix  round to nearest with each group's scale searched under the inputs' mean squared
              activation per channel (llama.cpp's importance matrix; `formats.imatrix`)
+    awq      round to nearest after scaling the input channels by activation, the inverse folded into
+             the RMSNorm that feeds the layer (AWQ's idea; `formats.awq`)
 
 A method produces the format's ordinary packed tensors, so kernels, byte accounting, LoRA merging and the
 reference dequantization are the same for every method. The policy names it with the precision:
@@ -36,9 +38,12 @@ class QuantMethod:
             raise PolicyError(f"{self.name} serves {served}, not {spec.format}"
                               + (f" with blocks of {spec.group_size}" if spec.group_size else ""))
 
-    def quantize(self, w, spec: Weights, hessian=None, name: str = "a layer"):
-        """The packed weight of `w` under `spec` (a `PackedWeight`)."""
+    def quantize(self, w, spec: Weights, hessian=None, name: str = "a layer", scale=None):
+        """The packed weight of `w` under `spec` (a `PackedWeight`); `awq` rounds w diag(`scale`) (its input
+        channels scaled, the inverse folded into the norm before it: `formats.awq`), or w itself without one."""
         fmt = WEIGHT_FORMATS.get(spec.format)
+        if self.name == "awq":
+            return fmt.quantize(w if scale is None else w * scale.to(w.device, w.dtype), spec)
         if not self.needs_hessian:
             return fmt.quantize(w, spec)
         if hessian is None:
@@ -71,6 +76,9 @@ def pending_calibrated(model, policy, store_cache: dict | None) -> list[str]:
 QUANT_METHODS.register("rtn", QuantMethod("rtn", False, "round to nearest (the format's scale search)"))
 QUANT_METHODS.register("gptq", QuantMethod("gptq", True, "GPTQ: error feedback under the calibration Hessian",
                                            row_int8=True, fn=gptq_quantize))
+QUANT_METHODS.register("awq", QuantMethod("awq", True, "activation-aware input scales, searched on the calibration "
+                                                       "Hessian and folded into the feeding RMSNorm (AWQ)",
+                                          row_int8=True))
 QUANT_METHODS.register("imatrix", QuantMethod("imatrix", True, "group scales searched under the inputs' mean "
                                                                "squared activation (llama.cpp's imatrix)",
                                               fn=imatrix_quantize))
