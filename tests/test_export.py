@@ -53,14 +53,12 @@ def test_the_default_model_exports_exactly_with_its_tokenizer(tmp_path):
     path = tmp_path / "default.gguf"
     report = gguf_export.export_gguf(engine, path, progress=False)
     assert report["by_type"]["Q4_0"]["tensors"] == 210 and "output.weight" not in {r["name"] for r in report["tensors"]}
-    exported, policy = _read_back(engine, path)
-    assert torch.equal(exported, policy)
     tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
     text = "def f(x):\n    return x ** 2  # squared"
     assert tok(text)["input_ids"] == engine.tokenizer(text)["input_ids"]
     assert tok.chat_template == engine.tokenizer.chat_template
-    check = gguf_export.check_gguf(engine, path, max_tokens=128)
-    assert check["vs_policy"]["kld_mean"] < 1e-9 and check["vs_policy"]["top1"] == 1.0
+    check = gguf_export.check_gguf(engine, path, max_tokens=128)  # one read-back: transformers' GGUF dequant is slow
+    assert check["vs_policy"]["max_abs_logit_diff"] == 0 and check["vs_policy"]["top1"] == 1.0  # equal logits
     assert check["vs_reference"]["kld_mean"] > 1e-3  # int4 is not the unmodified model: the check can tell
 
 

@@ -99,18 +99,21 @@ def score_reader(engine, model, reader: str, max_tokens: int = 512, seq_len: int
     text, _ = load_text(None, "heldout")
     windows = token_windows(engine.tokenizer, text, min(seq_len, engine.max_positions), max_tokens)
     parts: dict[str, list[torch.Tensor]] = {}
+    largest = 0.0  # the largest logit difference from the policy model: 0 when the export is exact
     with torch.inference_mode():
         for window in windows:
             ids = window[None]
             exported = model(ids).logits[0, :-1].float()
             policy = engine.forward(ids.to(engine.device))[0, :-1].float().cpu()
             reference = engine.reference_logits(ids.to(engine.device))[0, :-1].float().cpu()
+            largest = max(largest, (exported - policy).abs().max().item())
             for against, logits in (("policy", policy), ("reference", reference)):
                 for key, value in compare_logits(logits, exported, ids[0, 1:]).items():
                     parts.setdefault(f"{against}_{key}", []).append(value)
     m = {k: torch.cat(v).double() for k, v in parts.items()}
     return {"reader": reader, "tokens": int(m["policy_kld"].numel()),
-            "vs_policy": {"kld_mean": m["policy_kld"].mean().item(), "top1": m["policy_same_top1"].mean().item()},
+            "vs_policy": {"kld_mean": m["policy_kld"].mean().item(), "top1": m["policy_same_top1"].mean().item(),
+                          "max_abs_logit_diff": largest},
             "vs_reference": {"kld_mean": m["reference_kld"].mean().item(),
                              "top1": m["reference_same_top1"].mean().item()}}
 
