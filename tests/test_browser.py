@@ -225,6 +225,9 @@ def test_scheduler_dashboard_in_the_browser(browser, lab):
         panel = ".wb-schedulerdashboard"
         page.wait_for_selector(f"{panel} .wb-scheduler-plots .js-plotly-plot", timeout=300_000)
         page.locator(panel).scroll_into_view_if_needed()
+        # plotly draws the element before its traces are all there (a CI run read data[1] as undefined)
+        traces = "sel => (document.querySelector(sel + ' .js-plotly-plot').data || []).length"
+        page.wait_for_function(f"sel => ({traces})(sel) >= 2", arg=f"{panel} .wb-scheduler-plots", timeout=300_000)
         points = "sel => (document.querySelector(sel + ' .js-plotly-plot').data[1].y || []).length"
         assert page.evaluate(points, f"{panel} .wb-scheduler-plots") == 0
         page.click(f"{panel} button.wb-load-start, {panel} .wb-load-start button")  # runs after the queued cells
