@@ -1,8 +1,9 @@
 """Activation-aware scaling (AWQ's idea) in our formats: scale the input channels that carry large
 activations up before rounding, and fold the inverse into the RMSNorm that feeds the layers.
 
-For a norm feeding linears W_1..W_n (q|k|v after input_layernorm, gate|up after post_attention_layernorm),
-y_i = W_i (g * x) = (W_i diag(s)) ((g / s) * x): the same function for any positive s. Rounding W_i diag(s)
+For a norm feeding linears W_1..W_n (q|k|v after input_layernorm, gate|up after post_attention_layernorm;
+Gemma 3: after pre_feedforward_layernorm), y_i = W_i (g * x) = (W_i diag(s)) ((g / s) * x): the same
+function for any positive s. Rounding W_i diag(s)
 instead of W_i gives the channels with large s finer steps relative to their weights, so the error that
 reaches the output, sum_i tr(E_i H E_i^T) with E_i = W_i - Q(W_i diag(s)) diag(1 / s) and H the layer
 input's calibration Hessian (`formats.hessians`, sum of x x^T), shrinks where the activations are large.
@@ -10,7 +11,8 @@ As in AWQ, s = a^alpha (a: each channel's RMS activation, from diag(H)), normali
 1, with alpha searched on a grid for the least of that error; alpha = 0 is plain rounding, so the search
 is never worse than RTN on its own measure. The packed weights are the format's own (every kernel, the
 byte accounting and export stay as they are); the norm weight becomes g / s (`Engine` keeps the original
-for the reference and for other policies).
+for the reference and for other policies). Gemma's RMSNorm multiplies by (1 + w), so there w becomes
+(1 + w) / s - 1.
 
 Not here: AWQ's folds into a preceding linear (o's scale into v, down's into up); an `awq` o or down
 rounds to nearest. A norm's consumers must all be `awq`, or none.
@@ -22,8 +24,18 @@ import torch
 from workbench.errors import PolicyError
 
 ALPHAS = tuple(i / 20 for i in range(20))  # AWQ's grid
-NORM_GROUPS = (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-               ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
+QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
+LLAMA_NORMS = (("input_layernorm", QKV), ("post_attention_layernorm", GATE_UP))
+# model_type -> (the norms and the linears each feeds, the norm's offset: it scales by offset + w)
+NORM_GROUPS = {"gemma3_text": ((("input_layernorm", QKV), ("pre_feedforward_layernorm", GATE_UP)), 1.0)}
+FOLDABLE = "the Llama family and Gemma 3"
+
+
+def norm_groups(model_type: str) -> tuple[tuple, float] | None:
+    """(norm groups, offset) for a model type awq folds into, None for the others."""
+    from workbench.runtime.decoder import LLAMA_FAMILY
+    return (LLAMA_NORMS, 0.0) if model_type in LLAMA_FAMILY else NORM_GROUPS.get(model_type)
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -54,18 +66,19 @@ def groups(model, policy) -> list[tuple[str, list[str]]]:
     """(norm fqn, its consumers' fqns) for every norm whose consumers the policy quantizes with `awq`;
     a norm with awq and non-awq consumers is refused in one line."""
     from workbench.roles import linear_modules
-    from workbench.runtime.decoder import LLAMA_FAMILY
     settings = {fqn: policy.setting_for(fqn, role) for fqn, _, role in linear_modules(model)}
+    awq_fqns = [fqn for fqn, setting in settings.items() if setting.weights.method == "awq"]
+    known = norm_groups(model.config.model_type)
+    if awq_fqns and known is None:
+        raise PolicyError(f"awq folds its scales into RMSNorm weights of {FOLDABLE}, not "
+                          f"{model.config.model_type!r}")
     out = []
     for i, _ in enumerate(getattr(getattr(model, "model", None), "layers", [])):
-        for norm, parts in NORM_GROUPS:
+        for norm, parts in (known[0] if known else ()):
             fqns = [f"model.layers.{i}.{p}" for p in parts]
             awq = [f for f in fqns if f in settings and settings[f].weights.method == "awq"]
             if not awq:
                 continue
-            if model.config.model_type not in LLAMA_FAMILY:
-                raise PolicyError(f"awq folds its scales into RMSNorm weights of the Llama family, not "
-                                  f"{model.config.model_type!r}")
             if len(awq) != len(fqns):
                 others = ", ".join(f.rsplit(".", 1)[-1] for f in fqns if f not in awq)
                 raise PolicyError(f"{awq[0]}: awq scales the input of model.layers.{i}.{norm}, which also feeds "
@@ -107,15 +120,17 @@ class NormFolds:
         return out
 
     def fold(self, model, scales: dict[str, torch.Tensor]) -> None:
-        """Norm weights g -> g / s for the norms in `scales` (the others as loaded)."""
+        """Norm weights g -> g / s for the norms in `scales` (the others as loaded); (1 + g) / s - 1 where
+        the norm scales by 1 + g (Gemma)."""
         self.restore(model)
+        offset = (norm_groups(model.config.model_type) or ((), 0.0))[1]
         for fqn, s in scales.items():
             if not fqn.endswith("layernorm"):
                 continue
             weight = model.get_submodule(fqn).weight
             original = self.originals.setdefault(fqn, weight.detach().clone())
-            with torch.no_grad():
-                weight.copy_(original / s.to(original))  # in place: graphs hold the weight's storage
+            with torch.no_grad():  # in place: graphs hold the weight's storage
+                weight.copy_(((offset + original.double()) / s.double() - offset).to(original))
             self.folded[fqn] = s
 
     def restore(self, model) -> dict[str, torch.Tensor]:
