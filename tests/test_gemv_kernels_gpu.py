@@ -119,6 +119,24 @@ def test_int4_weight_as_a_matches_reference(m, group, k, dtype):
         assert _rel(y, gemv_int4.reference(x, t)) < TOL, cfg
 
 
+@pytest.mark.parametrize("group, k", [(64, K), (64, 4096), (128, 640), (32, 1024)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_one_token_on_cuda_cores_matches_reference(group, k, dtype):
+    """The CUDA-core kernel for one token: every config offered for the shape (one or two groups a
+    step, as the group count allows), split and unsplit."""
+    from workbench.kernels import gemv_int4
+    from workbench.formats.quant import quantize_int4
+    t = quantize_int4(_weight(k=k, seed=group), group)
+    packed = gemv_int4.pack(t)
+    x = torch.randn(1, k, device="cuda", dtype=dtype)
+    cands = [c for c in gemv_int4.candidates(1, N, k, group, x.device) if c.get("cc")]
+    assert cands and not [c for c in gemv_int4.candidates(2, N, k, group, x.device) if c.get("cc")]
+    want = gemv_int4.reference(x, t)
+    for cfg in cands + [dict(cands[0], split=3)]:
+        y = gemv_int4.launch(x, packed, cfg, y=_poisoned(1, N, dtype))
+        assert _rel(y, want) < TOL, cfg
+
+
 def _cut(x, frac):
     """Per-token threshold keeping a fraction `frac` of |x| (strictly above the cut)."""
     keep = max(1, int(round(frac * x.shape[1])))

@@ -250,6 +250,50 @@ def _w4_gemv_kernel(x_ptr, q_ptr, s_ptr, m_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K
                USE_WS=USE_WS, BLOCK_T=BLOCK_T, BLOCK_N=BLOCK_N)
 
 
+@triton.jit(do_not_specialize=["GSTEPS", "n_split"])
+def _w4_cc_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, N, K, stride_ym, GSTEPS, n_split,
+                  GROUP: tl.constexpr, GPS: tl.constexpr, IS_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+                  USE_WS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """One token on the CUDA cores (no tensor cores, no 16-row padding, no shared-memory operand): a
+    program owns BLOCK_N rows and walks its groups GPS at a time as one (BLOCK_N, GPS, g/2) byte tile, the
+    nibbles turned into bf16/fp16 values q - 8 by `_nibbles`, multiplied with x in float32 and summed per
+    group, then scaled by the group's scale in float32 (the exact mode's math). The tensor-core kernels
+    spend a 16-row MMA on one token; this one spends about three instructions per weight."""
+    HALF: tl.constexpr = GROUP // 2
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = offs_n % N
+    offs_g = tl.arange(0, GPS)
+    offs_j = tl.arange(0, HALF)
+    n_steps = K // GROUP // GPS  # launch guarantees divisibility
+    g_lo = pid_k * GSTEPS
+    n_it = n_steps - g_lo
+    if n_it > GSTEPS:
+        n_it = GSTEPS
+    g0 = g_lo * GPS  # first group of this split
+    row = q_ptr + rn.to(tl.int64) * (K // 2) + g0 * HALF
+    w_ptrs = row[:, None, None] + (offs_g * HALF)[None, :, None] + offs_j[None, None, :]
+    x_ptrs = x_ptr + (g0 + offs_g)[:, None] * GROUP + offs_j[None, :]
+    s_ptrs = s_ptr + (g0 + offs_g)[None, :] * N + rn[:, None]
+    prefetch_l2(row, tl.minimum(n_it, PREFETCH_STEPS) * (GPS * HALF), PDL)
+    enter(PDL)
+    acc = tl.zeros([BLOCK_N, GPS], dtype=tl.float32)
+    for i in range(0, n_it):
+        b = tl.load(w_ptrs)
+        s = tl.load(s_ptrs).to(tl.float32)
+        xl = tl.load(x_ptrs).to(tl.float32)[None, :, :]
+        xh = tl.load(x_ptrs + HALF).to(tl.float32)[None, :, :]
+        lo, hi = _nibbles(b, IS_BF16, 8, ASM)
+        acc += tl.sum(lo.to(tl.float32) * xl + hi.to(tl.float32) * xh, axis=2) * s
+        w_ptrs += GPS * HALF
+        x_ptrs += GPS * GROUP
+        s_ptrs += GPS * N
+    y = tl.sum(acc, axis=1)
+    store_tile(y[None, :], y_ptr, ws_ptr, lock_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym, pid_n, pid_k, n_split,
+               USE_WS=USE_WS, BLOCK_T=1, BLOCK_N=BLOCK_N)
+
+
 def _quarters_asm(one: str, one_plus_8: str, sub: str) -> str:
     """PTX for `_quarters`: per 32-bit register (two int16), the four nibbles of each half OR-ed into the
     exponent bits of `one` (128 in bf16 / 1024 in fp16: exactly 128 + q), then `one_plus_8` subtracted."""
@@ -388,6 +432,15 @@ def candidates(m: int, n: int, k: int, group: int, device, asym: bool = False) -
         sp = splits_for(tiles, steps, sms)
         sp.sort(key=lambda s_: abs(tiles * s_ - 2 * sms))
         out += [dict(block_n=bn, warps=w, stages=s, split=s_, scaled=scaled, pair=pr, two=two) for s_ in sp]
+    if m == 1 and not asym:  # one token on the CUDA cores: (block_n, groups a step, warps, stages); the two
+        # that won on the H200 (of five), and one group a step where the group count is odd
+        for bn, gps, w, s in ((128, 2, 8, 3), (64, 2, 4, 4), (64, 1, 4, 4)):
+            if (k // group) % gps or (gps == 1 and (k // group) % 2 == 0):
+                continue
+            tiles = triton.cdiv(n, bn)
+            sp = splits_for(tiles, (k // group) // gps, sms)
+            sp.sort(key=lambda s_: abs(tiles * s_ - 2 * sms))
+            out += [dict(cc=True, block_n=bn, gps=gps, warps=w, stages=s, split=s_) for s_ in sp[:3]]
     if not asym and group in WA_GROUPS:  # weight as A, after the untuned default: (block_n, warps, stages)
         for bn, w, s in ((128, 4, 4), (256, 8, 4), (256, 4, 3)) if bt <= 32 else ((128, 4, 3), (256, 8, 3)):
             tiles = triton.cdiv(n, bn)
@@ -400,6 +453,8 @@ def candidates(m: int, n: int, k: int, group: int, device, asym: bool = False) -
 def launch(x: torch.Tensor, packed: dict, cfg: dict, y: torch.Tensor | None = None) -> torch.Tensor:
     if cfg.get("wa"):
         return _launch_wa(x, packed, cfg, y)
+    if cfg.get("cc"):
+        return _launch_cc(x, packed, cfg, y)
     qp, st = packed["qp"], packed["scale_t"]
     mt = packed.get("min_t")
     group = packed["group"]
@@ -432,6 +487,23 @@ def _launch_wa(x: torch.Tensor, packed: dict, cfg: dict, y: torch.Tensor | None 
                                     GROUP=group, IS_BF16=x.dtype == torch.bfloat16, BLOCK_T=bt, BLOCK_N=bn,
                                     USE_WS=use_ws, ASM=cfg.get("asm", _ASM), num_warps=cfg["warps"],
                                     num_stages=cfg["stages"], **launch_kwargs(x.device))
+    return y
+
+
+def _launch_cc(x: torch.Tensor, packed: dict, cfg: dict, y: torch.Tensor | None = None) -> torch.Tensor:
+    qp, st, group = packed["qp"], packed["scale_t"], packed["group"]
+    m, k = x.shape
+    n, gps = qp.shape[0], cfg["gps"]
+    if m != 1 or "min_t" in packed or (k // group) % gps:
+        raise ValueError(f"the CUDA-core int4 kernel takes one token, symmetric groups, {gps} groups dividing K")
+    bn = cfg["block_n"]
+    steps, n_split = split_plan((k // group) // gps, cfg["split"])
+    tiles = triton.cdiv(n, bn)
+    y, ws, lk, use_ws = split_outputs(x, m, n, tiles, n_split, 1, bn, y)
+    _w4_cc_kernel[(tiles, n_split)](x, qp, st, y, ws, lk, n, k, y.stride(0), steps, n_split, GROUP=group, GPS=gps,
+                                    IS_BF16=x.dtype == torch.bfloat16, BLOCK_N=bn, USE_WS=use_ws,
+                                    ASM=cfg.get("asm", _ASM), num_warps=cfg["warps"], num_stages=cfg["stages"],
+                                    **launch_kwargs(x.device))
     return y
 
 
