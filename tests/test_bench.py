@@ -74,6 +74,8 @@ def test_policy_names(name, sparsity, rule, fmt):
     (["--batch", "0"], "batch sizes must be positive"),
     (["--new-tokens", "2"], "--new-tokens >= 3"),
     (["--model", "synthetic:tiny-gemma3"], "decode loop"),
+    (["--context", "8q"], "--context takes comma-separated token counts"),
+    (["--context", "1k"], "a context of 1024 tokens + 5 new ones exceeds synthetic:tiny-llama's maximum of 512"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, args, message):
     assert main(["bench", *SMALL, *args]) == 2
@@ -110,3 +112,19 @@ def test_pdl_is_a_gpu_launch_mode(monkeypatch):
     assert [(r["policy"], r["pdl"]) for r in result["rows"]] == [("dense", False)] and result["pdl"] == "n/a"
     with pytest.raises(Exception, match="--pdl takes one of"):
         run_bench("synthetic:tiny-llama", ("dense",), (1,), 8, 4, transformers_baseline=False, device="cpu", pdl="x")
+
+
+def test_every_row_is_timed_at_each_context():
+    """`--context`: each policy and batch at each prompt length, each against dense at the same context;
+    a longer context reads more KV cache per step (its roofline grows), an attention selector is a policy."""
+    from workbench.bench import format_table, parse_contexts, run_bench
+    assert parse_contexts("8k, 128k,300") == (8192, 131072, 300)
+    result = run_bench("synthetic:tiny-llama", ("dense", "topk:16"), (1, 2), new_tokens=4, transformers_baseline=False,
+                       device="cpu", contexts=(32, 256))
+    rows = {(r["policy"], r["batch"], r["context"]): r for r in result["rows"]}
+    assert set(rows) == {(p, b, c) for p in ("dense", "topk:16") for b in (1, 2) for c in (32, 256)}
+    for (policy, batch, context), row in rows.items():
+        assert row["speedup_vs_dense"] == pytest.approx(rows[("dense", batch, context)]["ms_per_step"]
+                                                        / row["ms_per_step"])
+    assert rows[("dense", 1, 256)]["roofline_ms"] > rows[("dense", 1, 32)]["roofline_ms"]
+    assert result["contexts"] == [32, 256] and "contexts 32, 256" in format_table(result)

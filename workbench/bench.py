@@ -10,6 +10,10 @@ Policy names are `Policy.parse`'s shorthand: ``dense``, a weight format (``int8`
 covers the output head too), ``topkNN`` (NN% activation sparsity, exact per token), ``thresholdNN``
 (TEAL's calibrated cut), and ``+`` to combine (``topk50+int8``).
 
+With ``contexts`` (``--context 8k,32k``) every policy and batch is timed at each context: the prompt is that
+long (prefilled in chunks), so each step attends over it; a context beyond the model's maximum is refused
+before any work. Attention selectors (``topk:2048``, ``indexer:2048``) are policies like the others.
+
 With ``profile=True`` (``--profile``) each row also holds `workbench.profiling.profile_step`'s table: the
 kernels of one decode step, grouped by layer role, with their time, the bytes they must read, the
 bandwidth they reach, and the gaps between them.
@@ -58,6 +62,7 @@ class Row:
     profile: dict | None = None  # profiling.profile_step's table, with --profile
     pdl: bool = True  # kernels launched with programmatic dependent launch (`workbench.kernels.pdl`)
     resident_bytes: int | None = None  # device memory held after the row (the peak adds the tuner's copies)
+    context: int | None = None  # the prompt's tokens, which every decode step attends over
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -171,28 +176,53 @@ def kernel_census(engine) -> dict:
     return out
 
 
+def parse_contexts(text: str) -> tuple[int, ...]:
+    """``8k,32k,131072`` -> (8192, 32768, 131072): k is 1024.
+
+    >>> parse_contexts("8k, 512")
+    (8192, 512)
+    """
+    out = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        try:
+            n = int(part[:-1]) * 1024 if part.endswith("k") else int(part)
+        except ValueError:
+            raise InputError(f"--context takes comma-separated token counts like 8k,32k,128k, got {part!r}") from None
+        if n < 1:
+            raise InputError(f"a context must be at least one token, got {part!r}")
+        out.append(n)
+    return tuple(out)
+
+
 def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_tokens: int = 128,
               new_tokens: int = 64, transformers_baseline: bool = True, device: str | None = None,
-              progress=None, profile: bool = False, pdl: str = "on") -> dict:
+              progress=None, profile: bool = False, pdl: str = "on", contexts: tuple[int, ...] | None = None) -> dict:
     """The whole matrix; returns a JSON-able dict (rows, baseline, roofline, environment); with `profile`,
     each row's decode step kernel by kernel (`row["profile"]`). `pdl`: "on" (the default launch), "off",
-    or "both" (every row twice, with and without programmatic dependent launch, side by side)."""
+    or "both" (every row twice, with and without programmatic dependent launch, side by side). `contexts`:
+    time every row at each of these prompt lengths instead of `prompt_tokens`."""
     parsed = [(name, Policy.parse(name)) for name in policies]  # bad names fail before the load
     if any(b < 1 for b in batches):
         raise InputError("batch sizes must be positive")
+    contexts = tuple(contexts or (prompt_tokens,))
     if pdl not in PDL_MODES:
         raise InputError(f"--pdl takes one of {', '.join(PDL_MODES)}, got {pdl!r}")
-    if prompt_tokens < 1 or new_tokens < 3:
+    if min(contexts) < 1 or new_tokens < 3:
         raise InputError("bench needs --prompt-tokens >= 1 and --new-tokens >= 3")
     engine = Engine.from_pretrained(model, device=device)
     if engine.decode_path != "workbench":
         raise InputError(f"bench times the engine's decode loop, which does not cover this model: "
                          f"{unsupported_reason(engine.model)}")
+    limit = getattr(engine.model.config, "max_position_embeddings", None)
+    if limit and max(contexts) + new_tokens > limit:
+        raise InputError(f"a context of {max(contexts)} tokens + {new_tokens} new ones exceeds {model}'s maximum of "
+                         f"{limit} positions" + ("; synthetic:llama-3.1-8b has the same shapes and 128k positions"
+                                                 if model == "synthetic:llama-3-8b" else ""))
     dev = engine.device
     bandwidth = copy_bandwidth(dev)
     say = progress or (lambda msg: None)
     say(f"{model} on {dev}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    result = {"model": model, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+    result = {"model": model, "prompt_tokens": contexts[0], "contexts": list(contexts), "new_tokens": new_tokens,
               "environment": environment(dev, bandwidth), "rows": [], "transformers_eager_ms": None,
               "pdl": pdl if dev.type == "cuda" else "n/a"}
     if transformers_baseline:
@@ -204,7 +234,7 @@ def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_toke
     for name, policy, launch in [(n, p, on) for n, p in parsed for on in modes]:
         os.environ["WORKBENCH_PDL"] = "1" if launch else "0"  # read at each launch; the graph is recaptured
         engine.reconfigure(policy)
-        for batch in batches:
+        for prompt_tokens, batch in [(c, b) for c in contexts for b in batches]:
             gc.collect()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -218,11 +248,13 @@ def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_toke
             context = prompt_tokens + new_tokens // 2
             row = Row(name, batch, ms, batch * 1e3 / ms, stats["weight_bytes"], _peak_bytes(dev),
                       step_bytes(engine, batch, context) / bandwidth * 1e3, kernel_census(engine), sparsity, graph_ms,
-                      pdl=launch, resident_bytes=torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None)
+                      pdl=launch, resident_bytes=torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None,
+                      context=prompt_tokens)
             if profile:
                 row.profile = _profile(engine, batch, cache_capacity(prompt_tokens + new_tokens), context, bandwidth)
             result["rows"].append(asdict(row))
-            say(f"{_label(result, asdict(row)):>14} batch {batch}: {ms:7.2f} ms/step  {row.tokens_per_s:8.1f} tok/s  "
+            at = f" context {prompt_tokens}" if len(contexts) > 1 else ""
+            say(f"{_label(result, asdict(row)):>14} batch {batch}{at}: {ms:7.2f} ms/step  {row.tokens_per_s:8.1f} tok/s  "
                 f"roofline {row.roofline_ms:6.2f} ms" + (f"  graph {graph_ms:6.2f} ms" if graph_ms else "")
                 + (f"  kernels {row.profile['kernel_us'] / 1e3:6.2f} ms + gaps {row.profile['gaps_us'] / 1e3:5.2f} ms"
                    if row.profile and "error" not in row.profile else ""))
@@ -248,29 +280,35 @@ def _profile(engine, batch: int, capacity: int, context: int, bandwidth: float) 
 def _summarise(result: dict) -> None:
     """Speed-ups against dense at the same batch, and dense against the roofline and transformers."""
     rows = result["rows"]
-    dense = {(r["batch"], r["pdl"]): r["ms_per_step"] for r in rows if r["policy"] == "dense"}
-    plain = {(r["policy"], r["batch"]): r["ms_per_step"] for r in rows if not r["pdl"]}
+    dense = {(r["batch"], r["pdl"], r.get("context")): r["ms_per_step"] for r in rows if r["policy"] == "dense"}
+    plain = {(r["policy"], r["batch"], r.get("context")): r["ms_per_step"] for r in rows if not r["pdl"]}
     for r in rows:
-        if (r["batch"], r["pdl"]) in dense:  # against dense launched the same way
-            r["speedup_vs_dense"] = dense[r["batch"], r["pdl"]] / r["ms_per_step"]
-        if r["pdl"] and (r["policy"], r["batch"]) in plain:
-            r["pdl_speedup"] = plain[r["policy"], r["batch"]] / r["ms_per_step"]
+        at = r.get("context")
+        if (r["batch"], r["pdl"], at) in dense:  # against dense launched the same way, at the same context
+            r["speedup_vs_dense"] = dense[r["batch"], r["pdl"], at] / r["ms_per_step"]
+        if r["pdl"] and (r["policy"], r["batch"], at) in plain:
+            r["pdl_speedup"] = plain[r["policy"], r["batch"], at] / r["ms_per_step"]
         r["fraction_of_roofline"] = r["roofline_ms"] / r["ms_per_step"] if r["roofline_ms"] else None
-    first = next((r for r in rows if r["policy"] == "dense" and r["batch"] == 1), None)
+    first = next((r for r in rows if r["policy"] == "dense" and r["batch"] == 1
+                  and r.get("context") == result["prompt_tokens"]), None)
     if result["transformers_eager_ms"] and first:
         result["dense_speedup_vs_transformers"] = result["transformers_eager_ms"] / first["ms_per_step"]
 
 
 def format_table(result: dict) -> str:
     env = result["environment"]
-    head = (f"{result['model']} on {env.get('gpu') or env.get('cpu')} (torch {env['torch']}), prompt "
-            f"{result['prompt_tokens']} + {result['new_tokens']} new tokens, copy bandwidth "
-            f"{env['copy_bandwidth_gb_s']:.0f} GB/s")
-    lines = [head, "", f"{'policy':>14} {'batch':>5} {'ms/step':>8} {'tok/s':>9} {'vs dense':>8} "
-             f"{'roofline':>8} {'of bound':>8} {'weights':>9} {'peak':>9} {'resident':>9} {'sparsity':>8}"]
+    contexts = result.get("contexts") or [result["prompt_tokens"]]
+    prompt = "contexts " + ", ".join(map(str, contexts)) if len(contexts) > 1 else f"prompt {contexts[0]}"
+    head = (f"{result['model']} on {env.get('gpu') or env.get('cpu')} (torch {env['torch']}), {prompt} + "
+            f"{result['new_tokens']} new tokens, copy bandwidth {env['copy_bandwidth_gb_s']:.0f} GB/s")
+    ctx = len(contexts) > 1
+    columns = (f"{'policy':>14} {'batch':>5}" + (f" {'context':>7}" if ctx else "") + f" {'ms/step':>8} {'tok/s':>9} "
+               f"{'vs dense':>8} {'roofline':>8} {'of bound':>8} {'weights':>9} {'peak':>9} {'resident':>9} {'sparsity':>8}")
+    lines = [head, "", columns]
     for r in result["rows"]:
         sparsity = "" if r["achieved_sparsity"] is None else f"{r['achieved_sparsity']:.2f}"
-        lines.append(f"{_label(result, r):>14} {r['batch']:>5} {r['ms_per_step']:8.2f} {r['tokens_per_s']:9.1f} "
+        lines.append(f"{_label(result, r):>14} {r['batch']:>5}" + (f" {r.get('context') or '':>7}" if ctx else "")
+                     + f" {r['ms_per_step']:8.2f} {r['tokens_per_s']:9.1f} "
                      f"{r.get('speedup_vs_dense', float('nan')):7.2f}x {r['roofline_ms']:8.2f} "
                      f"{100 * (r['fraction_of_roofline'] or 0):7.0f}% {_size(r['weight_bytes']):>9} "
                      f"{_size(r['peak_bytes'] or 0):>9} {_size(r.get('resident_bytes') or 0):>9} "

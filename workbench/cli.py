@@ -248,7 +248,8 @@ def cmd_provision(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
-    from workbench.bench import DEFAULT_POLICIES, format_table, run_bench
+    from workbench.bench import DEFAULT_POLICIES, format_table, parse_contexts, run_bench
+    contexts = parse_contexts(args.context) if args.context else None
     try:
         batches = tuple(int(b) for b in args.batch.split(","))
     except ValueError:
@@ -263,7 +264,7 @@ def cmd_bench(args) -> int:
     progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = run_bench(model, policies, batches, args.prompt_tokens, args.new_tokens,
                        transformers_baseline=not args.no_transformers, device=args.device, progress=progress,
-                       profile=args.profile, pdl=args.pdl)
+                       profile=args.profile, pdl=args.pdl, contexts=contexts)
     result["kernels"] = args.kernels
     if args.kernels == "triton" and not cuda:  # said once the run stands, so an error stays one line
         print("workbench: the Triton kernels need a CUDA device; timed the CPU reference paths instead",

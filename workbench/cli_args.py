@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated: dense, int8, int4-g64, topk25, topk50+int8, ... (default: the issue's matrix)")
     bench.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default 1,8)")
     bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--context", default=None, metavar="LIST",
+                       help="comma-separated contexts (prompt tokens; k = 1024), e.g. 8k,32k,128k: every policy and "
+                            "batch is timed at each (replaces --prompt-tokens)")
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--pdl", choices=("on", "off", "both"), default="on",
                        help="GPU: launch the decode kernels with programmatic dependent launch (on), plainly (off), "

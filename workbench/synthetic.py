@@ -22,6 +22,13 @@ SYNTHETIC_CONFIGS: dict[str, tuple[str, dict]] = {
                                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                                  max_position_embeddings=8192, rope_parameters={"rope_type": "default",
                                                                                 "rope_theta": 500000.0})),
+    # the same shapes with Llama 3.1's 128k context (its rope scaling), for long-context decode
+    "llama-3.1-8b": ("llama", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                   max_position_embeddings=131072, rope_parameters={
+                                       "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192})),
     "llama-3.2-1b": ("llama", dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                                    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                                    max_position_embeddings=8192, tie_word_embeddings=True)),
