@@ -12,7 +12,7 @@ covers the output head too), ``topkNN`` (NN% activation sparsity, exact per toke
 
 With ``contexts`` (``--context 8k,32k``) every policy and batch is timed at each context: the prompt is that
 long (prefilled in chunks), so each step attends over it; a context beyond the model's maximum is refused
-before any work. Attention selectors (``topk:2048``, ``indexer:2048``) are policies like the others.
+before anything is timed. Attention selectors (``topk:2048``, ``indexer:2048``) are policies like the others.
 
 With ``profile=True`` (``--profile``) each row also holds `workbench.profiling.profile_step`'s table: the
 kernels of one decode step, grouped by layer role, with their time, the bytes they must read, the
@@ -254,7 +254,8 @@ def run_bench(model: str, policies=DEFAULT_POLICIES, batches=(1, 8), prompt_toke
                 row.profile = _profile(engine, batch, cache_capacity(prompt_tokens + new_tokens), context, bandwidth)
             result["rows"].append(asdict(row))
             at = f" context {prompt_tokens}" if len(contexts) > 1 else ""
-            say(f"{_label(result, asdict(row)):>14} batch {batch}{at}: {ms:7.2f} ms/step  {row.tokens_per_s:8.1f} tok/s  "
+            say(f"{_label(result, asdict(row)):>14} batch {batch}{at}: {ms:7.2f} ms/step  "
+                f"{row.tokens_per_s:8.1f} tok/s  "
                 f"roofline {row.roofline_ms:6.2f} ms" + (f"  graph {graph_ms:6.2f} ms" if graph_ms else "")
                 + (f"  kernels {row.profile['kernel_us'] / 1e3:6.2f} ms + gaps {row.profile['gaps_us'] / 1e3:5.2f} ms"
                    if row.profile and "error" not in row.profile else ""))
@@ -303,7 +304,8 @@ def format_table(result: dict) -> str:
             f"{result['new_tokens']} new tokens, copy bandwidth {env['copy_bandwidth_gb_s']:.0f} GB/s")
     ctx = len(contexts) > 1
     columns = (f"{'policy':>14} {'batch':>5}" + (f" {'context':>7}" if ctx else "") + f" {'ms/step':>8} {'tok/s':>9} "
-               f"{'vs dense':>8} {'roofline':>8} {'of bound':>8} {'weights':>9} {'peak':>9} {'resident':>9} {'sparsity':>8}")
+               f"{'vs dense':>8} {'roofline':>8} {'of bound':>8} {'weights':>9} {'peak':>9} {'resident':>9} "
+               f"{'sparsity':>8}")
     lines = [head, "", columns]
     for r in result["rows"]:
         sparsity = "" if r["achieved_sparsity"] is None else f"{r['achieved_sparsity']:.2f}"

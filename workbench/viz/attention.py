@@ -79,3 +79,35 @@ def attention_grid(dense: dict, layers: Sequence[int], heads: Sequence[int], sel
                       margin=dict(l=10, r=10, t=80, b=10))
     fig.update_annotations(font_size=9)
     return fig
+
+
+def needle_figure(result: dict):
+    """`attention.needle.needle_probe`'s result as one heat map per prompt length: selectors (rows) x budgets
+    (columns), coloured by the share of (depth, code) points whose code came out exactly; each cell says
+    found / points and the answer's mean log-probability; dense in each panel's title."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from workbench.attention.needle import needle_summary
+    lengths, budgets, selectors = result["lengths"], result["budgets"], result["selectors"]
+    by = {(r["length"], r["policy"]): r for r in needle_summary(result)}
+
+    def title(n):
+        d = by.get((n, "dense"))
+        return f"{n} tokens (dense: {d['found']}/{d['n']})" if d else f"{n} tokens"
+    fig = make_subplots(rows=1, cols=len(lengths), shared_yaxes=True, subplot_titles=[title(n) for n in lengths],
+                        horizontal_spacing=0.04)
+    for c, n in enumerate(lengths, start=1):
+        cells = [[by.get((n, sel.format(b=b))) for b in budgets] for sel in selectors]
+        fig.add_trace(go.Heatmap(z=[[r["found_rate"] if r else None for r in row] for row in cells],
+                                 x=[str(b) for b in budgets], y=[sel.split(":")[0] for sel in selectors],
+                                 text=[[f"{r['found']}/{r['n']}<br>{r['logprob']:.2f}" if r else "" for r in row]
+                                       for row in cells],
+                                 texttemplate="%{text}", zmin=0, zmax=1, colorscale="Viridis",
+                                 showscale=c == len(lengths), colorbar=dict(title="found")), row=1, col=c)
+        fig.update_xaxes(title_text="keys kept per query", type="category", row=1, col=c)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title="Needle in a haystack: dense prefill, sparse decode<br>"
+                            "<sup>cell: codes found / points, and the answer's mean log p</sup>",
+                      height=430, width=max(720, 330 * len(lengths) + 220))
+    return fig
