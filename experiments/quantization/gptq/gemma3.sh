@@ -53,3 +53,12 @@ print("\n| Gemma 3 270M on GPL-3 | rtn | gptq | imatrix | awq |\n|---|---|---|--
       + " | ".join(f"{e['kld_mean']:.4f} / {e['top1']:.3f} / {e['perplexity']:.2f}" for e in cells) + " |")
 PY
 fi
+
+# the results name the model by its file, not by where this machine keeps it
+python - "$out" <<'PY'
+import glob, json, os, sys
+for path in glob.glob(f"{sys.argv[1]}/gemma3_*.json"):
+    e = json.load(open(path))
+    e["model"] = os.path.basename(e["model"])
+    open(path, "w").write(json.dumps(e) + "\n")
+PY
