@@ -37,6 +37,18 @@ def test_every_request_gets_its_own_sequential_greedy_answer(engine):
     assert scheduler.prefills < len(PROMPTS)  # and prompts prefilled together
 
 
+def test_gemma_requests_batched_together_get_transformers_answers():
+    """Gemma 3 (an 8-key sliding layer and a global one) in the scheduler: each of several concurrent
+    requests gets what transformers' generate gives it alone."""
+    gemma = Engine.from_pretrained("synthetic:gemma3-tiny-window", device="cpu")
+    prompts, n = PROMPTS[:6], 8
+    with Scheduler(gemma, max_num_seqs=4) as scheduler:
+        requests = [scheduler.submit(p, SamplingParams(max_new_tokens=n), chat=False) for p in prompts]
+        results = [r.result(timeout=120)["text"] for r in requests]
+    gemma.use_decode_loop = False
+    assert results == [gemma.generate([p], max_new_tokens=n, chat=False)[0] for p in prompts]
+
+
 def test_streamed_pieces_add_up_to_the_text(engine):
     with Scheduler(engine, max_num_seqs=2) as scheduler:
         r = scheduler.submit("stream me", SamplingParams(max_new_tokens=8), chat=False)

@@ -340,8 +340,8 @@ class Engine:
                  stop: Sequence[str] | None = None) -> list[str]:
         """Generate a completion for each prompt (greedy when temperature is 0).
 
-        Llama-family models run the batch runner (`workbench.runtime`: static slot cache, CUDA graphs on
-        GPU); other architectures run transformers' `generate`.
+        Llama-family and Gemma 3 models run the batch runner (`workbench.runtime`: static slot cache, CUDA
+        graphs on GPU); other architectures run transformers' `generate`.
 
         >>> Engine.from_pretrained("synthetic:tiny-llama").generate(["hi"], max_new_tokens=2)  # doctest: +SKIP
         """

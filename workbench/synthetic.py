@@ -43,6 +43,9 @@ SYNTHETIC_CONFIGS: dict[str, tuple[str, dict]] = {
     "tiny-qwen2": ("qwen2", _TINY),
     "tiny-mistral": ("mistral", dict(_TINY, sliding_window=None)),
     "tiny-gemma3": ("gemma3_text", dict(_TINY, head_dim=16)),
+    # Gemma 3's two kinds of layer at a window the tests can cross: an 8-key sliding layer, then a global one
+    "gemma3-tiny-window": ("gemma3_text", dict(_TINY, head_dim=16, sliding_window=8,
+                                               layer_types=["sliding_attention", "full_attention"])),
     "tiny-deepseek_v3": ("deepseek_v3", _TINY_MLA),
     "tiny-deepseek_v32": ("deepseek_v32", dict(_TINY_MLA, index_topk=8, index_head_dim=16, index_n_heads=4)),
     # a Llama-3-like tokenizer: BOS before every text, a chat template that writes BOS itself

@@ -1,10 +1,12 @@
-"""The decoder: a Llama-family model's own layers run over a slot KV cache, one prefill pass for several
-prompts and one decode step for every slot.
+"""The decoder: a Llama-family or Gemma 3 model's own layers run over a slot KV cache, one prefill pass for
+several prompts and one decode step for every slot.
 
 It runs the model's own modules (embeddings, norms, rotary embedding, projections, MLP), so every policy
 wrapper applies unchanged; only the attention over the cache is ours. It covers the Llama family (llama,
-mistral, qwen2, qwen3); other architectures keep transformers' `generate` (`unsupported_reason` says
-why). On CUDA with bf16/fp16 the decode step is the fused one of `runtime.fused`.
+mistral, qwen2, qwen3) and Gemma 3 (four norms per layer, q/k norms, its sliding-window and global layers,
+each with its own rotary embedding; the window as a mask over the full slot cache); other architectures
+keep transformers' `generate` (`unsupported_reason` says why). On CUDA with bf16/fp16 the Llama family's
+decode step is the fused one of `runtime.fused`.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from workbench.runtime.cache import ATTENTION_BLOCK, SlotKVCache, padded_batch
 from workbench.runtime.fused import _concatenate, fused_reason, fused_step
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+GEMMA_FAMILY = ("gemma3_text",)  # sliding-window layers named in config.layer_types
+LOOP_FAMILIES = LLAMA_FAMILY + GEMMA_FAMILY
 # A prompt longer than this is prefilled in chunks of it, each attending to the cache so far: the
 # activations of one pass stay those of 2048 tokens however long the prompt (vLLM's chunked prefill).
 PREFILL_CHUNK = 2048
@@ -28,11 +32,14 @@ PREFILL_CHUNK = 2048
 def unsupported_reason(model: nn.Module) -> str | None:
     """None when `Decoder` can run `model`; otherwise why not (the engine then uses transformers)."""
     cfg = model.config
-    if cfg.model_type not in LLAMA_FAMILY:
-        return f"architecture {cfg.model_type!r} (the decode loop covers {', '.join(LLAMA_FAMILY)})"
+    if cfg.model_type not in LOOP_FAMILIES:
+        return f"architecture {cfg.model_type!r} (the decode loop covers {', '.join(LOOP_FAMILIES)})"
     layer_types = getattr(cfg, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types) or getattr(cfg, "use_sliding_window", False):
+    windows = ("full_attention", "sliding_attention") if cfg.model_type in GEMMA_FAMILY else ("full_attention",)
+    if any(t not in windows for t in layer_types) or getattr(cfg, "use_sliding_window", False):
         return "sliding-window attention"
+    if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "use_bidirectional_attention", False):
+        return "attention logit soft-capping or bidirectional attention"
     inner = getattr(model, "model", None)
     if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return "an unexpected module layout"
@@ -40,7 +47,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 
 class Decoder:
-    """Runs a Llama-family model's layers over a SlotKVCache: `prefill` one slot, `step` all slots."""
+    """Runs a Llama-family or Gemma 3 model's layers over a SlotKVCache: `prefill` one slot, `step` all slots."""
 
     def __init__(self, model: nn.Module):
         reason = unsupported_reason(model)
@@ -56,6 +63,11 @@ class Decoder:
         self.head_dim = attn.head_dim
         self.apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         self.fused = fused_reason(model) is None  # the decode step's Triton kernels (kernels/decode_ops.py)
+        self.gemma = cfg.model_type in GEMMA_FAMILY  # four norms a layer, a rotary embedding per layer type
+        self.layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * len(self.layers))
+        # keys a sliding layer sees: the last `window` positions up to the query's own (transformers' rule)
+        self.windows = [cfg.sliding_window if t == "sliding_attention" else None for t in self.layer_types]
+        self.logit_cap = getattr(cfg, "final_logit_softcapping", None)
 
     @property
     def sparse_attention(self) -> bool:
@@ -145,7 +157,10 @@ class Decoder:
 
     # -- internals -------------------------------------------------------------------------------------------
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden)).float()
+        logits = self.lm_head(self.norm(hidden)).float()
+        if self.logit_cap:  # soft-capped as the model's own forward does
+            logits = torch.tanh(logits / self.logit_cap) * self.logit_cap
+        return logits
 
     def _run(self, ids, positions, cache, rows: torch.Tensor, prompt_lengths: torch.Tensor | None,
              offset: int = 0) -> torch.Tensor:
@@ -153,15 +168,25 @@ class Decoder:
         is a prefill from position `offset` (rows right-padded to T; a later chunk of one prompt when
         `offset` > 0); without, one decode token per slot."""
         x = self.embed(ids)
-        cos, sin = self.rotary(x, positions)
+        if self.gemma:
+            rope = {t: self.rotary(x, positions, t) for t in set(self.layer_types)}
+        else:
+            rope = dict.fromkeys(set(self.layer_types), self.rotary(x, positions))
         for i, layer in enumerate(self.layers):
+            cos, sin = rope[self.layer_types[i]]
             h = layer.input_layernorm(x)
-            x = x + self._attention(layer.self_attn, h, cos, sin, positions, rows, cache.keys[i],
-                                    cache.values[i], prompt_lengths, offset)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            a = self._attention(layer.self_attn, h, cos, sin, positions, rows, cache.keys[i], cache.values[i],
+                                prompt_lengths, offset, window=self.windows[i])
+            if self.gemma:  # each sublayer's output is normed before the residual add
+                x = x + layer.post_attention_layernorm(a)
+                x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
+            else:
+                x = x + a
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
         return x
 
-    def _attention(self, attn, h, cos, sin, positions, rows, k_cache, v_cache, prompt_lengths, offset=0):
+    def _attention(self, attn, h, cos, sin, positions, rows, k_cache, v_cache, prompt_lengths, offset=0,
+                   window: int | None = None):
         b, t, _ = h.shape
         q = attn.q_proj(h).view(b, t, self.heads, self.head_dim)
         k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim)
@@ -173,25 +198,35 @@ class Decoder:
             k_cache[rows, :, positions[:, 0]] = k[:, :, 0]
             v_cache[rows, :, positions[:, 0]] = v[:, :, 0]
             keys, values = k_cache, v_cache
-            valid = torch.arange(k_cache.shape[2], device=h.device)[None, :] <= positions  # (S, C)
+            at = torch.arange(k_cache.shape[2], device=h.device)[None, :]
+            valid = at <= positions  # (S, C)
+            if window is not None:
+                valid = valid & (at > positions - window)
             mask = valid[:, None, None, :]  # (S, 1, 1, C)
         elif offset == 0:  # prefill from position 0: the prompt's own keys are all there is to attend to
             k_cache[rows, :, :t] = k
             v_cache[rows, :, :t] = v
             keys, values = k, v
             mask = None  # causal: a real position never sees the padding after it
+            if window is not None:
+                at = torch.arange(t, device=h.device)
+                mask = ((at[None, :] <= at[:, None]) & (at[None, :] > at[:, None] - window))[None, None]
         else:  # a later chunk of one prompt: the cached keys before it, and itself causally
             k_cache[rows, :, offset:offset + t] = k
             v_cache[rows, :, offset:offset + t] = v
             keys, values = k_cache[rows, :, :offset + t], v_cache[rows, :, :offset + t]
-            seen = torch.arange(offset + t, device=h.device)[None, :] <= positions[0][:, None]  # (T, offset + T)
+            at, query = torch.arange(offset + t, device=h.device)[None, :], positions[0][:, None]
+            seen = at <= query  # (T, offset + T)
+            if window is not None:
+                seen = seen & (at > query - window)
             mask = seen[None, None]
         spec = getattr(attn, "workbench_attention", None)
         if getattr(attn, "workbench_capture", None) is not None or (spec is not None and not spec.is_identity):
-            if mask is None:  # causal within each prompt; padded queries attend nowhere (not measured)
-                at = torch.arange(t, device=h.device)
+            if prompt_lengths is not None and offset == 0:  # causal within each prompt (and its window, if
+                at = torch.arange(t, device=h.device)   # any); padded queries attend nowhere (not measured)
                 real = at[None, :] < prompt_lengths[:, None]  # (B, T)
-                mask = ((at[None, :] <= at[:, None])[None] & real[:, None, :] & real[:, :, None])[:, None]
+                causal = mask if mask is not None else (at[None, :] <= at[:, None])[None, None]
+                mask = causal & real[:, None, None, :] & real[:, None, :, None]
             out, _ = workbench_attention(attn, q, keys, values, mask, scaling=attn.scaling)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1,
