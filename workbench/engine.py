@@ -340,8 +340,8 @@ class Engine:
                  stop: Sequence[str] | None = None) -> list[str]:
         """Generate a completion for each prompt (greedy when temperature is 0).
 
-        Llama-family and Gemma 3 models run the batch runner (`workbench.runtime`: static slot cache, CUDA
-        graphs on GPU); other architectures run transformers' `generate`.
+        Llama-family, Gemma 3 and DeepSeek-V3 models run the batch runner (`workbench.runtime`: static slot
+        cache, CUDA graphs on GPU); other architectures run transformers' `generate`.
 
         >>> Engine.from_pretrained("synthetic:tiny-llama").generate(["hi"], max_new_tokens=2)  # doctest: +SKIP
         """
@@ -411,9 +411,19 @@ class Engine:
             return facts
 
     def _kv_cache(self) -> dict | None:
-        """The KV cache `generate` holds between calls: slots, tokens per slot, bytes (None before any)."""
+        """The KV cache `generate` holds between calls: slots, tokens per slot, bytes, bytes per token (None
+        before any); for latent attention also what per-head keys and values would take per token."""
         cache = self._runner.cache if self._runner is not None else None
-        return None if cache is None else {"slots": cache.slots, "capacity": cache.capacity, "bytes": cache.nbytes}
+        if cache is None:
+            return None
+        out = {"slots": cache.slots, "capacity": cache.capacity, "bytes": cache.nbytes,
+               "bytes_per_token": cache.bytes_per_token}
+        cfg = self.model.config
+        if getattr(cfg, "kv_lora_rank", None):  # MLA: the latent against expanded keys and values
+            per_head = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
+            out["expanded_bytes_per_token"] = (cfg.num_hidden_layers * cfg.num_attention_heads * per_head
+                                               * cache.keys[0].element_size())
+        return out
 
     def _switch_cache_bytes(self) -> int:
         """Packed weights kept for instant switching back to a format, beyond those the policy uses now."""

@@ -42,7 +42,7 @@ __all__ = ["QueueFull", "Request", "Scheduler"]
 
 
 class Scheduler:
-    """Continuous batching over one engine (Llama-family and Gemma 3 models: the engine's batch runner)."""
+    """Continuous batching over one engine (Llama-family, Gemma 3 and DeepSeek-V3 models: the engine's batch runner)."""
 
     def __init__(self, engine, max_num_seqs: int = 8, max_queue: int = 64, max_model_len: int = 1024,
                  prefill_budget: int = 2048, metrics=None, start: bool = True):

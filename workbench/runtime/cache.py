@@ -51,14 +51,25 @@ class SlotKVCache:
 
     @classmethod
     def for_model(cls, model: nn.Module, slots: int, capacity: int) -> "SlotKVCache":
+        """The cache `model`'s layers write: per-head keys and values, or for multi-head latent attention
+        (`kv_lora_rank` set) one latent of that size and one rope key per token, in the keys' and values'
+        places (`runtime.decoder`)."""
         cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         p = next(model.parameters())
+        if getattr(cfg, "kv_lora_rank", None):
+            return cls(cfg.num_hidden_layers, slots, 1, capacity, cfg.kv_lora_rank, p.device, p.dtype,
+                       value_dim=cfg.qk_rope_head_dim)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, capacity, head_dim, p.device, p.dtype)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token takes, over all layers."""
+        return self.nbytes // (self.slots * self.capacity)
 
     @property
     def free_slots(self) -> int:

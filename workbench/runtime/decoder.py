@@ -1,15 +1,17 @@
-"""The decoder: a Llama-family or Gemma 3 model's own layers run over a slot KV cache, one prefill pass for
-several prompts and one decode step for every slot.
+"""The decoder: a Llama-family, Gemma 3 or DeepSeek-V3 model's own layers run over a slot KV cache, one
+prefill pass for several prompts and one decode step for every slot.
 
 It runs the model's own modules (embeddings, norms, rotary embedding, projections, MLP), so every policy
 wrapper applies unchanged; only the attention over the cache is ours. It covers the Llama family (llama,
-mistral, qwen2, qwen3) and Gemma 3 (four norms per layer, q/k norms, its sliding-window and global layers,
-each with its own rotary embedding; the window as a mask over the full slot cache); other architectures
-keep transformers' `generate` (`unsupported_reason` says why). On CUDA with bf16/fp16 the Llama family's
-decode step is the fused one of `runtime.fused`.
+mistral, qwen2, qwen3), Gemma 3 (four norms per layer, q/k norms, its sliding-window and global layers,
+each with its own rotary embedding; the window as a mask over the full slot cache) and DeepSeek-V3's
+multi-head latent attention (a latent cache, kv_b absorbed at decode; the model's own MLP or routed
+experts); other architectures keep transformers' `generate` (`unsupported_reason` says why). On CUDA
+with bf16/fp16 the Llama family's decode step is the fused one of `runtime.fused`.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -23,7 +25,8 @@ from workbench.runtime.fused import _concatenate, fused_reason, fused_step
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 GEMMA_FAMILY = ("gemma3_text",)  # sliding-window layers named in config.layer_types
-LOOP_FAMILIES = LLAMA_FAMILY + GEMMA_FAMILY
+MLA_FAMILY = ("deepseek_v3",)  # multi-head latent attention over a latent cache; dense or routed MLPs
+LOOP_FAMILIES = LLAMA_FAMILY + GEMMA_FAMILY + MLA_FAMILY
 # A prompt longer than this is prefilled in chunks of it, each attending to the cache so far: the
 # activations of one pass stay those of 2048 tokens however long the prompt (vLLM's chunked prefill).
 PREFILL_CHUNK = 2048
@@ -47,7 +50,8 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 
 class Decoder:
-    """Runs a Llama-family or Gemma 3 model's layers over a SlotKVCache: `prefill` one slot, `step` all slots."""
+    """Runs a Llama-family, Gemma 3 or DeepSeek-V3 model's layers over a SlotKVCache: `prefill` one slot,
+    `step` all slots."""
 
     def __init__(self, model: nn.Module):
         reason = unsupported_reason(model)
@@ -60,14 +64,24 @@ class Decoder:
         cfg = model.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         attn = self.layers[0].self_attn
-        self.head_dim = attn.head_dim
-        self.apply_rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        self.head_dim = getattr(attn, "head_dim", None)
+        module = sys.modules[type(attn).__module__]
+        self.mla = cfg.model_type in MLA_FAMILY
+        interleaved = self.mla and getattr(cfg, "rope_interleave", False)
+        self.apply_rope = module.apply_rotary_pos_emb_interleave if interleaved else module.apply_rotary_pos_emb
         self.fused = fused_reason(model) is None  # the decode step's Triton kernels (kernels/decode_ops.py)
         self.gemma = cfg.model_type in GEMMA_FAMILY  # four norms a layer, a rotary embedding per layer type
         self.layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * len(self.layers))
         # keys a sliding layer sees: the last `window` positions up to the query's own (transformers' rule)
         self.windows = [cfg.sliding_window if t == "sliding_attention" else None for t in self.layer_types]
         self.logit_cap = getattr(cfg, "final_logit_softcapping", None)
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a decode step can be captured in a CUDA graph: not with a key selector (or a capture)
+        in a layer, nor with routed experts (transformers' expert loop asks the host which experts the
+        tokens went to)."""
+        return not self.sparse_attention and not any(hasattr(l.mlp, "experts") for l in self.layers)
 
     @property
     def sparse_attention(self) -> bool:
@@ -187,6 +201,8 @@ class Decoder:
 
     def _attention(self, attn, h, cos, sin, positions, rows, k_cache, v_cache, prompt_lengths, offset=0,
                    window: int | None = None):
+        if self.mla:
+            return self._latent_attention(attn, h, cos, sin, positions, rows, k_cache, v_cache, prompt_lengths, offset)
         b, t, _ = h.shape
         q = attn.q_proj(h).view(b, t, self.heads, self.head_dim)
         k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim)
@@ -194,45 +210,107 @@ class Decoder:
         if hasattr(attn, "q_norm"):  # qwen3 normalises q and k per head before the rotation
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = self.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        if prompt_lengths is None:  # decode: one new position per slot (every slot, in order), in place
-            k_cache[rows, :, positions[:, 0]] = k[:, :, 0]
-            v_cache[rows, :, positions[:, 0]] = v[:, :, 0]
-            keys, values = k_cache, v_cache
-            at = torch.arange(k_cache.shape[2], device=h.device)[None, :]
-            valid = at <= positions  # (S, C)
-            if window is not None:
-                valid = valid & (at > positions - window)
-            mask = valid[:, None, None, :]  # (S, 1, 1, C)
-        elif offset == 0:  # prefill from position 0: the prompt's own keys are all there is to attend to
-            k_cache[rows, :, :t] = k
-            v_cache[rows, :, :t] = v
-            keys, values = k, v
-            mask = None  # causal: a real position never sees the padding after it
-            if window is not None:
-                at = torch.arange(t, device=h.device)
-                mask = ((at[None, :] <= at[:, None]) & (at[None, :] > at[:, None] - window))[None, None]
-        else:  # a later chunk of one prompt: the cached keys before it, and itself causally
-            k_cache[rows, :, offset:offset + t] = k
-            v_cache[rows, :, offset:offset + t] = v
-            keys, values = k_cache[rows, :, :offset + t], v_cache[rows, :, :offset + t]
-            at, query = torch.arange(offset + t, device=h.device)[None, :], positions[0][:, None]
-            seen = at <= query  # (T, offset + T)
-            if window is not None:
-                seen = seen & (at > query - window)
-            mask = seen[None, None]
+        keys, values, mask = _cached(k, v, k_cache, v_cache, rows, positions, prompt_lengths, offset, window)
+        return attn.o_proj(self._attend(attn, q, keys, values, mask, prompt_lengths, offset).reshape(b, t, -1))
+
+    def _attend(self, attn, q, keys, values, mask, prompt_lengths, offset) -> torch.Tensor:
+        """Attention of q (B, H, T, D) over keys/values (B, Hkv, Tk, D) -> (B, T, H, Dv): the layer's key
+        selector where it has one (or a capture), SDPA otherwise."""
+        t = q.shape[2]
         spec = getattr(attn, "workbench_attention", None)
         if getattr(attn, "workbench_capture", None) is not None or (spec is not None and not spec.is_identity):
             if prompt_lengths is not None and offset == 0:  # causal within each prompt (and its window, if
-                at = torch.arange(t, device=h.device)   # any); padded queries attend nowhere (not measured)
+                at = torch.arange(t, device=q.device)   # any); padded queries attend nowhere (not measured)
                 real = at[None, :] < prompt_lengths[:, None]  # (B, T)
                 causal = mask if mask is not None else (at[None, :] <= at[:, None])[None, None]
                 mask = causal & real[:, None, None, :] & real[:, None, :, None]
             out, _ = workbench_attention(attn, q, keys, values, mask, scaling=attn.scaling)
+            return out
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1,
+                                             scale=attn.scaling, enable_gqa=keys.shape[1] != q.shape[1])
+        return out.transpose(1, 2)
+
+    def _latent_attention(self, attn, h, cos, sin, positions, rows, latent_cache, rope_cache, prompt_lengths,
+                          offset):
+        """DeepSeek's multi-head latent attention over a latent cache: per token the cache holds the
+        normed kv_a output (kv_lora_rank values) and the rotated shared rope key, not per-head keys and
+        values. A decode step absorbs kv_b into the query and the output (q_nope W_k scores the latents,
+        the attention-weighted latent times W_v is the value), the same math without expanding the cache;
+        a prefill, a key selector, or a policy on kv_b expands the latents through kv_b_proj itself."""
+        b, t, _ = h.shape
+        if attn.q_lora_rank is None:
+            q = attn.q_proj(h)
         else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1,
-                                                 scale=attn.scaling, enable_gqa=self.kv_heads != self.heads)
-            out = out.transpose(1, 2)
+            q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(h)))
+        q = q.view(b, t, self.heads, attn.qk_head_dim).transpose(1, 2)
+        q_pass, q_rot = torch.split(q, [attn.qk_nope_head_dim, attn.qk_rope_head_dim], dim=-1)
+        latent, k_rot = torch.split(attn.kv_a_proj_with_mqa(h), [attn.kv_lora_rank, attn.qk_rope_head_dim], dim=-1)
+        latent = attn.kv_a_layernorm(latent).view(b, 1, t, attn.kv_lora_rank)
+        q_rot, k_rot = self.apply_rope(q_rot, k_rot.view(b, 1, t, attn.qk_rope_head_dim), cos, sin)
+        latents, rot_keys, mask = _cached(latent, k_rot, latent_cache, rope_cache, rows, positions, prompt_lengths,
+                                          offset, None)
+        spec = getattr(attn, "workbench_attention", None)
+        plain = (getattr(attn, "workbench_capture", None) is None and (spec is None or spec.is_identity)
+                 and type(attn.kv_b_proj) is nn.Linear)
+        if prompt_lengths is None and plain:
+            w = attn.kv_b_proj.weight.view(self.heads, attn.qk_nope_head_dim + attn.v_head_dim, attn.kv_lora_rank)
+            w_k, w_v = w[:, :attn.qk_nope_head_dim], w[:, attn.qk_nope_head_dim:]
+            q_latent = torch.einsum("bhtn,hnr->bhtr", q_pass, w_k)
+            scores = (q_latent @ latents.transpose(-1, -2) + q_rot @ rot_keys.transpose(-1, -2)) * attn.scaling
+            probs = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1).to(latents.dtype)
+            out = torch.einsum("bhtr,hvr->bthv", probs @ latents, w_v)  # (B, T, H, v)
+        else:  # a fresh view of the slot cache: a sparsified input is remembered by identity, and the cache
+            with _as_prompt_tokens(attn.kv_b_proj):  # is the same tensor, changed, every step
+                keys, values = attn.expand_kv(latents[:], rot_keys)
+            out = self._attend(attn, torch.cat((q_pass, q_rot), dim=-1), keys, values, mask, prompt_lengths, offset)
         return attn.o_proj(out.reshape(b, t, -1))
+
+
+@contextlib.contextmanager
+def _as_prompt_tokens(module):
+    """kv_b's input at a decode step is every cached latent, many tokens: run it as prompt tokens run
+    (dense, unless its sparsity asks for sparse prefill), as transformers' own generate under
+    `Engine.dense_prefill` sees it. Its new token's latent is one of them."""
+    dense = hasattr(module, "dense_multi_token") and not module.setting.sparsity.prefill
+    before = getattr(module, "dense_multi_token", False)
+    if dense:
+        module.dense_multi_token = True
+    try:
+        yield
+    finally:
+        if dense:
+            module.dense_multi_token = before
+
+
+def _cached(k, v, k_cache, v_cache, rows, positions, prompt_lengths, offset, window):
+    """Write this pass's keys/values (B, Hkv, T, D) into their slots; the keys, values and mask to attend
+    with: decode (no `prompt_lengths`) attends to each slot's cache up to its position; a prefill from 0
+    to its own keys, causally; a later chunk of one prompt to the cache before it and itself causally.
+    `window`: only the last `window` positions up to each query's own (sliding-window layers)."""
+    t, device = k.shape[2], k.device
+    if prompt_lengths is None:  # decode: one new position per slot (every slot, in order), in place
+        k_cache[rows, :, positions[:, 0]] = k[:, :, 0]
+        v_cache[rows, :, positions[:, 0]] = v[:, :, 0]
+        at = torch.arange(k_cache.shape[2], device=device)[None, :]
+        valid = at <= positions  # (S, C)
+        if window is not None:
+            valid = valid & (at > positions - window)
+        return k_cache, v_cache, valid[:, None, None, :]  # mask (S, 1, 1, C)
+    if offset == 0:  # prefill from position 0: the prompt's own keys are all there is to attend to
+        k_cache[rows, :, :t] = k
+        v_cache[rows, :, :t] = v
+        mask = None  # causal: a real position never sees the padding after it
+        if window is not None:
+            at = torch.arange(t, device=device)
+            mask = ((at[None, :] <= at[:, None]) & (at[None, :] > at[:, None] - window))[None, None]
+        return k, v, mask
+    k_cache[rows, :, offset:offset + t] = k  # a later chunk of one prompt
+    v_cache[rows, :, offset:offset + t] = v
+    at, query = torch.arange(offset + t, device=device)[None, :], positions[0][:, None]
+    seen = at <= query  # (T, offset + T)
+    if window is not None:
+        seen = seen & (at > query - window)
+    return k_cache[rows, :, :offset + t], v_cache[rows, :, :offset + t], seen[None, None]
 
 
 def concatenate_projections(model: nn.Module) -> None:

@@ -102,7 +102,7 @@ class BatchRunner:
     def _build(self) -> tuple:
         decoder = Decoder(self.engine.model)
         graph, prefill = None, decoder.prefill_batch
-        if self.engine.use_cuda_graphs and not decoder.sparse_attention and not self.engine.in_reference:
+        if self.engine.use_cuda_graphs and decoder.capturable and not self.engine.in_reference:
             with torch.inference_mode():
                 graph = GraphedStep(decoder, self.cache)
             self.engine.reset_stats()  # the warm-up steps are not traffic
