@@ -73,7 +73,7 @@ def test_policy_names(name, sparsity, rule, fmt):
     (["--batch", "one"], "--batch takes comma-separated integers"),
     (["--batch", "0"], "batch sizes must be positive"),
     (["--new-tokens", "2"], "--new-tokens >= 3"),
-    (["--model", "synthetic:tiny-deepseek_v32"], "decode loop"),
+    (["--model", "synthetic:phi3-tiny"], "decode loop"),
     (["--context", "8q"], "--context takes comma-separated token counts"),
     (["--context", "1k"], "a context of 1024 tokens + 5 new ones exceeds synthetic:tiny-llama's maximum of 512"),
 ])

@@ -8,7 +8,8 @@ from workbench.runtime import BatchRunner, Decoder, Finisher, SamplingParams, Se
 
 LLAMA_FAMILY = ["synthetic:tiny-llama", "synthetic:tiny-qwen2", "synthetic:tiny-mistral"]
 GEMMA = ["synthetic:tiny-gemma3", "synthetic:gemma3-tiny-window"]  # the second: an 8-key sliding layer + a global one
-MLA = ["synthetic:tiny-deepseek_v3", "synthetic:deepseek-v3-tiny"]  # latent attention, routed experts
+MLA = ["synthetic:tiny-deepseek_v3", "synthetic:deepseek-v3-tiny", "synthetic:tiny-deepseek_v32"]  # latent attention,
+# routed experts; V3.2 with its own indexer (8 keys a query: the longer prompts and decodes select)
 PROMPTS = ["abc", "hello world, a longer prompt", "x"]
 
 
@@ -163,8 +164,8 @@ def test_policies_decode_the_same_in_our_loop_and_in_transformers(policy):
 
 
 def test_other_architectures_say_why_and_use_transformers():
-    engine = Engine.from_pretrained("synthetic:tiny-deepseek_v32", device="cpu")  # its indexer is not in the loop
-    assert "deepseek_v32" in unsupported_reason(engine.model)
+    engine = Engine.from_pretrained("synthetic:phi3-tiny", device="cpu")
+    assert "phi3" in unsupported_reason(engine.model)
     assert engine.decode_path == "transformers"
     assert len(engine.generate(["abc"], max_new_tokens=3)) == 1
 
@@ -224,11 +225,36 @@ def test_latent_attention_caches_latents_and_absorbs_kv_b_at_decode(monkeypatch)
     assert kv["expanded_bytes_per_token"] == cfg.num_hidden_layers * cfg.num_attention_heads * (8 + 8 + 16) * 4
 
 
+@pytest.mark.parametrize("model", ["synthetic:tiny-deepseek_v3", "synthetic:tiny-deepseek_v32"])
 @pytest.mark.parametrize("policy", ["int8", "topk50", "topk:6"])
-def test_latent_attention_under_policies_decodes_as_transformers(policy):
+def test_latent_attention_under_policies_decodes_as_transformers(policy, model):
     """A policy on kv_b (its packed weight) or a key selector: decode expands the latents through kv_b_proj
-    itself, the same modules transformers runs, so the greedy tokens match."""
-    engine = Engine.from_pretrained("synthetic:tiny-deepseek_v3", device="cpu", policy=Policy.parse(policy))
+    itself, the same modules transformers runs, so the greedy tokens match (V3.2: within its indexer's
+    selection)."""
+    engine = Engine.from_pretrained(model, device="cpu", policy=Policy.parse(policy))
     ours = engine.generate(PROMPTS, max_new_tokens=8, chat=False)
     engine.use_decode_loop = False
     assert [engine.generate([p], max_new_tokens=8, chat=False)[0] for p in PROMPTS] == ours
+
+
+def test_v32_indexer_keys_are_cached_and_narrow_attention_to_its_top_keys():
+    """DeepSeek-V3.2's own indexer in the loop: its key per token sits in the slot cache beside the latents,
+    and past `index_topk` keys a decode step attends only to the indexer's choice: its logits equal
+    transformers' (which masks the same way), and differ from attending to every key."""
+    engine = Engine.from_pretrained("synthetic:tiny-deepseek_v32", device="cpu")
+    cfg = engine.model.config
+    decoder = Decoder(engine.model)
+    cache = SlotKVCache.for_model(engine.model, slots=1, capacity=64)
+    assert [t.shape for t in cache.index_keys] == [(1, 1, 64, cfg.index_head_dim)] * cfg.num_hidden_layers
+    ids = torch.randint(3, 250, (30,), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want = engine.model(ids[None]).logits[0].float()
+        decoder.prefill(cache, 0, ids[:20])
+        assert cache.index_keys[0][0, 0, :20].abs().sum() > 0 and cache.index_keys[0][0, 0, 20:].abs().sum() == 0
+        logits = decoder.step(cache, ids[20:21])
+        torch.testing.assert_close(logits[0], want[20], rtol=1e-4, atol=1e-4)
+        everything = SlotKVCache.for_model(engine.model, slots=1, capacity=64)
+        for layer in engine.model.model.layers:
+            layer.self_attn.indexer.index_topk = 64  # every key selected
+        decoder.prefill(everything, 0, ids[:20])
+        assert not torch.allclose(decoder.step(everything, ids[20:21])[0], logits[0], atol=1e-4)

@@ -48,6 +48,8 @@ SYNTHETIC_CONFIGS: dict[str, tuple[str, dict]] = {
                                                layer_types=["sliding_attention", "full_attention"])),
     "tiny-deepseek_v3": ("deepseek_v3", _TINY_MLA),
     "tiny-deepseek_v32": ("deepseek_v32", dict(_TINY_MLA, index_topk=8, index_head_dim=16, index_n_heads=4)),
+    # an architecture the decode loop does not cover (transformers' generate serves it)
+    "phi3-tiny": ("phi3", _TINY),
     # a Llama-3-like tokenizer: BOS before every text, a chat template that writes BOS itself
     "bos-llama": ("llama", _TINY),
 }

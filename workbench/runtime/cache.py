@@ -37,13 +37,16 @@ class SlotKVCache:
     """
 
     def __init__(self, layers: int, slots: int, kv_heads: int, capacity: int, head_dim: int,
-                 device, dtype: torch.dtype, value_dim: int | None = None):
+                 device, dtype: torch.dtype, value_dim: int | None = None, index_dim: int | None = None):
         if slots < 1 or capacity < 1:
             raise InputError(f"a KV cache needs at least one slot and one position, got {slots} x {capacity}")
         shape = (slots, kv_heads, capacity, head_dim)
         vshape = (slots, kv_heads, capacity, value_dim or head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.values = [torch.zeros(vshape, device=device, dtype=dtype) for _ in range(layers)]
+        # DeepSeek-V3.2: its indexer's key per token (one head of `index_dim`), kept with the latents
+        self.index_keys = [torch.zeros((slots, 1, capacity, index_dim), device=device, dtype=dtype)
+                           for _ in range(layers)] if index_dim else []
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # read by the graphed step
         self.host_lengths = [0] * slots  # the same numbers, for host-side decisions without a sync
         self.slots, self.capacity = slots, capacity
@@ -53,18 +56,18 @@ class SlotKVCache:
     def for_model(cls, model: nn.Module, slots: int, capacity: int) -> "SlotKVCache":
         """The cache `model`'s layers write: per-head keys and values, or for multi-head latent attention
         (`kv_lora_rank` set) one latent of that size and one rope key per token, in the keys' and values'
-        places (`runtime.decoder`)."""
+        places, and DeepSeek-V3.2's index key per token (`runtime.decoder`)."""
         cfg = model.config
         p = next(model.parameters())
         if getattr(cfg, "kv_lora_rank", None):
             return cls(cfg.num_hidden_layers, slots, 1, capacity, cfg.kv_lora_rank, p.device, p.dtype,
-                       value_dim=cfg.qk_rope_head_dim)
+                       value_dim=cfg.qk_rope_head_dim, index_dim=getattr(cfg, "index_head_dim", None))
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, capacity, head_dim, p.device, p.dtype)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values + self.index_keys)
 
     @property
     def bytes_per_token(self) -> int:

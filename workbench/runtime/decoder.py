@@ -25,7 +25,7 @@ from workbench.runtime.fused import _concatenate, fused_reason, fused_step
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 GEMMA_FAMILY = ("gemma3_text",)  # sliding-window layers named in config.layer_types
-MLA_FAMILY = ("deepseek_v3",)  # multi-head latent attention over a latent cache; dense or routed MLPs
+MLA_FAMILY = ("deepseek_v3", "deepseek_v32")  # latent attention over a latent cache; V3.2 adds its indexer
 LOOP_FAMILIES = LLAMA_FAMILY + GEMMA_FAMILY + MLA_FAMILY
 # A prompt longer than this is prefilled in chunks of it, each attending to the cache so far: the
 # activations of one pass stay those of 2048 tokens however long the prompt (vLLM's chunked prefill).
@@ -38,8 +38,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
     if cfg.model_type not in LOOP_FAMILIES:
         return f"architecture {cfg.model_type!r} (the decode loop covers {', '.join(LOOP_FAMILIES)})"
     layer_types = getattr(cfg, "layer_types", None) or []
-    windows = ("full_attention", "sliding_attention") if cfg.model_type in GEMMA_FAMILY else ("full_attention",)
-    if any(t not in windows for t in layer_types) or getattr(cfg, "use_sliding_window", False):
+    kinds = {"gemma3_text": ("full_attention", "sliding_attention"), "deepseek_v32": ("indexed_attention",)}
+    if (any(t not in kinds.get(cfg.model_type, ("full_attention",)) for t in layer_types)
+            or getattr(cfg, "use_sliding_window", False)):
         return "sliding-window attention"
     if getattr(cfg, "attn_logit_softcapping", None) or getattr(cfg, "use_bidirectional_attention", False):
         return "attention logit soft-capping or bidirectional attention"
@@ -67,11 +68,13 @@ class Decoder:
         self.head_dim = getattr(attn, "head_dim", None)
         module = sys.modules[type(attn).__module__]
         self.mla = cfg.model_type in MLA_FAMILY
-        interleaved = self.mla and getattr(cfg, "rope_interleave", False)
+        interleaved = self.mla and (getattr(cfg, "rope_interleave", False) or cfg.model_type == "deepseek_v32")
         self.apply_rope = module.apply_rotary_pos_emb_interleave if interleaved else module.apply_rotary_pos_emb
+        self.index_rope = module.apply_rotary_pos_emb  # V3.2's indexer rotates half-split, not interleaved
         self.fused = fused_reason(model) is None  # the decode step's Triton kernels (kernels/decode_ops.py)
         self.gemma = cfg.model_type in GEMMA_FAMILY  # four norms a layer, a rotary embedding per layer type
         self.layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * len(self.layers))
+        self.layer_types = ["full_attention" if k == "indexed_attention" else k for k in self.layer_types]
         # keys a sliding layer sees: the last `window` positions up to the query's own (transformers' rule)
         self.windows = [cfg.sliding_window if t == "sliding_attention" else None for t in self.layer_types]
         self.logit_cap = getattr(cfg, "final_logit_softcapping", None)
@@ -190,7 +193,8 @@ class Decoder:
             cos, sin = rope[self.layer_types[i]]
             h = layer.input_layernorm(x)
             a = self._attention(layer.self_attn, h, cos, sin, positions, rows, cache.keys[i], cache.values[i],
-                                prompt_lengths, offset, window=self.windows[i])
+                                prompt_lengths, offset, window=self.windows[i],
+                                index_cache=cache.index_keys[i] if cache.index_keys else None)
             if self.gemma:  # each sublayer's output is normed before the residual add
                 x = x + layer.post_attention_layernorm(a)
                 x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
@@ -200,9 +204,10 @@ class Decoder:
         return x
 
     def _attention(self, attn, h, cos, sin, positions, rows, k_cache, v_cache, prompt_lengths, offset=0,
-                   window: int | None = None):
+                   window: int | None = None, index_cache=None):
         if self.mla:
-            return self._latent_attention(attn, h, cos, sin, positions, rows, k_cache, v_cache, prompt_lengths, offset)
+            return self._latent_attention(attn, h, cos, sin, positions, rows, k_cache, v_cache, prompt_lengths, offset,
+                                          index_cache)
         b, t, _ = h.shape
         q = attn.q_proj(h).view(b, t, self.heads, self.head_dim)
         k = attn.k_proj(h).view(b, t, self.kv_heads, self.head_dim)
@@ -213,9 +218,11 @@ class Decoder:
         keys, values, mask = _cached(k, v, k_cache, v_cache, rows, positions, prompt_lengths, offset, window)
         return attn.o_proj(self._attend(attn, q, keys, values, mask, prompt_lengths, offset).reshape(b, t, -1))
 
-    def _attend(self, attn, q, keys, values, mask, prompt_lengths, offset) -> torch.Tensor:
+    def _attend(self, attn, q, keys, values, mask, prompt_lengths, offset, native=None) -> torch.Tensor:
         """Attention of q (B, H, T, D) over keys/values (B, Hkv, Tk, D) -> (B, T, H, Dv): the layer's key
-        selector where it has one (or a capture), SDPA otherwise."""
+        selector where it has one (or a capture), SDPA otherwise. `native`: DeepSeek-V3.2's own selection,
+        (its narrowed mask, its top indices); a selector of ours chooses on `mask` and is then intersected
+        with it, as the attention backend does (`attention.backend`)."""
         t = q.shape[2]
         spec = getattr(attn, "workbench_attention", None)
         if getattr(attn, "workbench_capture", None) is not None or (spec is not None and not spec.is_identity):
@@ -224,24 +231,28 @@ class Decoder:
                 real = at[None, :] < prompt_lengths[:, None]  # (B, T)
                 causal = mask if mask is not None else (at[None, :] <= at[:, None])[None, None]
                 mask = causal & real[:, None, None, :] & real[:, None, :, None]
-            out, _ = workbench_attention(attn, q, keys, values, mask, scaling=attn.scaling)
+            extra = {} if native is None else {"indices": native[1]}
+            out, _ = workbench_attention(attn, q, keys, values, mask, scaling=attn.scaling, **extra)
             return out
+        mask = mask if native is None else native[0]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and t > 1,
                                              scale=attn.scaling, enable_gqa=keys.shape[1] != q.shape[1])
         return out.transpose(1, 2)
 
     def _latent_attention(self, attn, h, cos, sin, positions, rows, latent_cache, rope_cache, prompt_lengths,
-                          offset):
+                          offset, index_cache=None):
         """DeepSeek's multi-head latent attention over a latent cache: per token the cache holds the
         normed kv_a output (kv_lora_rank values) and the rotated shared rope key, not per-head keys and
         values. A decode step absorbs kv_b into the query and the output (q_nope W_k scores the latents,
         the attention-weighted latent times W_v is the value), the same math without expanding the cache;
-        a prefill, a key selector, or a policy on kv_b expands the latents through kv_b_proj itself."""
+        a prefill, a key selector, or a policy on kv_b expands the latents through kv_b_proj itself.
+        DeepSeek-V3.2: its own lightning indexer (`_indexed`) narrows every query to its top keys first."""
         b, t, _ = h.shape
         if attn.q_lora_rank is None:
-            q = attn.q_proj(h)
+            q_resid, q = None, attn.q_proj(h)
         else:
-            q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(h)))
+            q_resid = attn.q_a_layernorm(attn.q_a_proj(h))
+            q = attn.q_b_proj(q_resid)
         q = q.view(b, t, self.heads, attn.qk_head_dim).transpose(1, 2)
         q_pass, q_rot = torch.split(q, [attn.qk_nope_head_dim, attn.qk_rope_head_dim], dim=-1)
         latent, k_rot = torch.split(attn.kv_a_proj_with_mqa(h), [attn.kv_lora_rank, attn.qk_rope_head_dim], dim=-1)
@@ -249,6 +260,10 @@ class Decoder:
         q_rot, k_rot = self.apply_rope(q_rot, k_rot.view(b, 1, t, attn.qk_rope_head_dim), cos, sin)
         latents, rot_keys, mask = _cached(latent, k_rot, latent_cache, rope_cache, rows, positions, prompt_lengths,
                                           offset, None)
+        native = None
+        if index_cache is not None:
+            native = self._indexed(attn.indexer, h, q_resid, cos, sin, mask, index_cache, rows, positions,
+                                   prompt_lengths, offset)
         spec = getattr(attn, "workbench_attention", None)
         plain = (getattr(attn, "workbench_capture", None) is None and (spec is None or spec.is_identity)
                  and type(attn.kv_b_proj) is nn.Linear)
@@ -257,13 +272,42 @@ class Decoder:
             w_k, w_v = w[:, :attn.qk_nope_head_dim], w[:, attn.qk_nope_head_dim:]
             q_latent = torch.einsum("bhtn,hnr->bhtr", q_pass, w_k)
             scores = (q_latent @ latents.transpose(-1, -2) + q_rot @ rot_keys.transpose(-1, -2)) * attn.scaling
-            probs = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1).to(latents.dtype)
+            keep = mask if native is None else native[0]
+            probs = torch.softmax(scores.float().masked_fill(~keep, float("-inf")), dim=-1).to(latents.dtype)
             out = torch.einsum("bhtr,hvr->bthv", probs @ latents, w_v)  # (B, T, H, v)
         else:  # a fresh view of the slot cache: a sparsified input is remembered by identity, and the cache
             with _as_prompt_tokens(attn.kv_b_proj):  # is the same tensor, changed, every step
                 keys, values = attn.expand_kv(latents[:], rot_keys)
-            out = self._attend(attn, torch.cat((q_pass, q_rot), dim=-1), keys, values, mask, prompt_lengths, offset)
+            out = self._attend(attn, torch.cat((q_pass, q_rot), dim=-1), keys, values, mask, prompt_lengths, offset,
+                               native)
         return attn.o_proj(out.reshape(b, t, -1))
+
+    def _indexed(self, indexer, h, q_resid, cos, sin, mask, index_cache, rows, positions, prompt_lengths, offset):
+        """DeepSeek-V3.2's lightning indexer, as its own module computes it: per token one index key (its
+        `wk`, normed, half-split rotary) kept in the slot cache beside the latents; each query scores the
+        keys it may see by sum_h w_h relu(q_h . k) and keeps its top `index_topk` (all of them below that).
+        Returns (`mask` narrowed to those keys (B, 1, T, Tk), the chosen indices (B, T, k))."""
+        b, t, _ = h.shape
+        rope = self.model.config.qk_rope_head_dim
+        q = indexer.wq_b(q_resid).view(b, t, indexer.n_heads, indexer.head_dim)
+        k = indexer.k_norm(indexer.wk(h)).unsqueeze(2)  # (B, T, 1, D)
+        q_rot, q_pass = torch.split(q, [rope, indexer.head_dim - rope], dim=-1)
+        k_rot, k_pass = torch.split(k, [rope, indexer.head_dim - rope], dim=-1)
+        q_rot, k_rot = self.index_rope(q_rot, k_rot, cos, sin, unsqueeze_dim=2)
+        q = torch.cat([q_rot, q_pass], dim=-1)  # (B, T, H, D)
+        k = torch.cat([k_rot, k_pass], dim=-1).transpose(1, 2)  # (B, 1, T, D)
+        keys = _store(k, index_cache, rows, positions, prompt_lengths, offset)[:, 0]  # (B, Tk, D)
+        scores = torch.relu(q.float() @ keys.float().transpose(-1, -2).unsqueeze(1) * indexer.softmax_scale)
+        weights = indexer.weights_proj(h.to(indexer.weights_proj.weight.dtype)).float() * indexer.n_heads ** -0.5
+        index = (weights.unsqueeze(-2) @ scores).squeeze(-2)  # (B, T, Tk): per-head weights, summed
+        tk = keys.shape[1]
+        if mask is None:  # a prefill from 0: causal
+            at = torch.arange(tk, device=h.device)
+            mask = (at[None, :] <= at[:, None])[None, None]
+        visible = mask[:, 0].expand(b, t, tk)
+        top = index.masked_fill(~visible, float("-inf")).topk(min(indexer.index_topk, tk), dim=-1).indices
+        chosen = torch.zeros_like(visible).scatter(-1, top, True)
+        return (visible & chosen)[:, None], top
 
 
 @contextlib.contextmanager
@@ -284,33 +328,44 @@ def _as_prompt_tokens(module):
 
 def _cached(k, v, k_cache, v_cache, rows, positions, prompt_lengths, offset, window):
     """Write this pass's keys/values (B, Hkv, T, D) into their slots; the keys, values and mask to attend
-    with: decode (no `prompt_lengths`) attends to each slot's cache up to its position; a prefill from 0
-    to its own keys, causally; a later chunk of one prompt to the cache before it and itself causally.
-    `window`: only the last `window` positions up to each query's own (sliding-window layers)."""
-    t, device = k.shape[2], k.device
+    with (`_store`, `_visible`)."""
+    keys = _store(k, k_cache, rows, positions, prompt_lengths, offset)
+    values = _store(v, v_cache, rows, positions, prompt_lengths, offset)
+    return keys, values, _visible(k.shape[2], k_cache.shape[2], positions, prompt_lengths, offset, window, k.device)
+
+
+def _store(x, cache, rows, positions, prompt_lengths, offset):
+    """Write x (B, Hkv, T, D) into its slots of `cache`; return what this pass attends over: at decode (no
+    `prompt_lengths`) each slot's whole cache, in a prefill from 0 the prompt's own x, in a later chunk of
+    one prompt the cache up to this chunk's end."""
+    t = x.shape[2]
     if prompt_lengths is None:  # decode: one new position per slot (every slot, in order), in place
-        k_cache[rows, :, positions[:, 0]] = k[:, :, 0]
-        v_cache[rows, :, positions[:, 0]] = v[:, :, 0]
-        at = torch.arange(k_cache.shape[2], device=device)[None, :]
+        cache[rows, :, positions[:, 0]] = x[:, :, 0]
+        return cache
+    cache[rows, :, offset:offset + t] = x
+    return x if offset == 0 else cache[rows, :, :offset + t]
+
+
+def _visible(t, capacity, positions, prompt_lengths, offset, window, device):
+    """Which keys each query may see: at decode each slot's cache up to its position, (S, 1, 1, C); in a
+    prefill from 0 causally (None: SDPA's own causal rule); in a later chunk the cache before it and itself
+    causally, (1, 1, T, offset + T). `window`: only the last `window` positions up to each query's own."""
+    if prompt_lengths is None:
+        at = torch.arange(capacity, device=device)[None, :]
         valid = at <= positions  # (S, C)
         if window is not None:
             valid = valid & (at > positions - window)
-        return k_cache, v_cache, valid[:, None, None, :]  # mask (S, 1, 1, C)
-    if offset == 0:  # prefill from position 0: the prompt's own keys are all there is to attend to
-        k_cache[rows, :, :t] = k
-        v_cache[rows, :, :t] = v
-        mask = None  # causal: a real position never sees the padding after it
-        if window is not None:
-            at = torch.arange(t, device=device)
-            mask = ((at[None, :] <= at[:, None]) & (at[None, :] > at[:, None] - window))[None, None]
-        return k, v, mask
-    k_cache[rows, :, offset:offset + t] = k  # a later chunk of one prompt
-    v_cache[rows, :, offset:offset + t] = v
+        return valid[:, None, None, :]
+    if offset == 0:  # a real position never sees the padding after it
+        if window is None:
+            return None
+        at = torch.arange(t, device=device)
+        return ((at[None, :] <= at[:, None]) & (at[None, :] > at[:, None] - window))[None, None]
     at, query = torch.arange(offset + t, device=device)[None, :], positions[0][:, None]
     seen = at <= query  # (T, offset + T)
     if window is not None:
         seen = seen & (at > query - window)
-    return k_cache[rows, :, :offset + t], v_cache[rows, :, :offset + t], seen[None, None]
+    return seen[None, None]
 
 
 def concatenate_projections(model: nn.Module) -> None:
