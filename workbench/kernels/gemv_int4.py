@@ -34,102 +34,13 @@ import triton.language as tl
 
 from workbench.kernels.layouts import (quarter_pack, repack_int4_g, sm_count, split_outputs, split_plan, splits_for,
                                        store_tile, unpack_int4_g)
+from workbench.kernels.int4_convert import ASM as _ASM, nibbles as _nibbles, quarters as _quarters
 from workbench.kernels.pdl import enter, launch_kwargs, prefetch_l2
 
 MAX_TOKENS = 64
 PREFETCH_STEPS: tl.constexpr = tl.constexpr(4)  # steps per row prefetched before the launch wait (PDL)
-_ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"  # inline PTX conversion (not in the interpreter)
 GROUPS = (32, 64, 128)
 WA_GROUPS = (64, 128)  # the weight-as-A kernel's quarters of a group must be >= 16 inputs (one MMA step)
-
-
-@triton.jit
-def _nibbles(b, IS_BF16: tl.constexpr, SUB: tl.constexpr, ASM: tl.constexpr):
-    """uint8 tile -> (low nibble, high nibble) as bf16/fp16 values v - SUB (SUB = 8: symmetric, 0: q).
-    ASM=False: the same values through plain Triton ops (for the interpreter; more instructions)."""
-    if not ASM:
-        dt = tl.bfloat16 if IS_BF16 else tl.float16
-        lo = ((b & 15).to(tl.int16) - SUB).to(dt)
-        hi = ((b >> 4).to(tl.int16) - SUB).to(dt)
-    elif IS_BF16:
-        if SUB == 8:
-            lo, hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t0, t1, z, m, c, d;
-                mov.b32 z, 0; mov.b32 m, 0x000F000F; mov.b32 c, 0x43004300; mov.b32 d, 0x43084308;
-                prmt.b32 t0, $4, z, 0x4140;
-                prmt.b32 t1, $4, z, 0x4342;
-                lop3.b32 $0, t0, m, c, 0xEA;
-                lop3.b32 $1, t1, m, c, 0xEA;
-                shr.b32 t0, t0, 4;
-                shr.b32 t1, t1, 4;
-                lop3.b32 $2, t0, m, c, 0xEA;
-                lop3.b32 $3, t1, m, c, 0xEA;
-                sub.rn.bf16x2 $0, $0, d;
-                sub.rn.bf16x2 $1, $1, d;
-                sub.rn.bf16x2 $2, $2, d;
-                sub.rn.bf16x2 $3, $3, d;
-                }""", constraints="=r,=r,=r,=r,r", args=[b], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
-                pack=4)
-        else:
-            lo, hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t0, t1, z, m, c;
-                mov.b32 z, 0; mov.b32 m, 0x000F000F; mov.b32 c, 0x43004300;
-                prmt.b32 t0, $4, z, 0x4140;
-                prmt.b32 t1, $4, z, 0x4342;
-                lop3.b32 $0, t0, m, c, 0xEA;
-                lop3.b32 $1, t1, m, c, 0xEA;
-                shr.b32 t0, t0, 4;
-                shr.b32 t1, t1, 4;
-                lop3.b32 $2, t0, m, c, 0xEA;
-                lop3.b32 $3, t1, m, c, 0xEA;
-                sub.rn.bf16x2 $0, $0, c;
-                sub.rn.bf16x2 $1, $1, c;
-                sub.rn.bf16x2 $2, $2, c;
-                sub.rn.bf16x2 $3, $3, c;
-                }""", constraints="=r,=r,=r,=r,r", args=[b], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
-                pack=4)
-    else:
-        if SUB == 8:
-            lo, hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t0, t1, z, m, c, d;
-                mov.b32 z, 0; mov.b32 m, 0x000F000F; mov.b32 c, 0x64006400; mov.b32 d, 0x64086408;
-                prmt.b32 t0, $4, z, 0x4140;
-                prmt.b32 t1, $4, z, 0x4342;
-                lop3.b32 $0, t0, m, c, 0xEA;
-                lop3.b32 $1, t1, m, c, 0xEA;
-                shr.b32 t0, t0, 4;
-                shr.b32 t1, t1, 4;
-                lop3.b32 $2, t0, m, c, 0xEA;
-                lop3.b32 $3, t1, m, c, 0xEA;
-                sub.rn.f16x2 $0, $0, d;
-                sub.rn.f16x2 $1, $1, d;
-                sub.rn.f16x2 $2, $2, d;
-                sub.rn.f16x2 $3, $3, d;
-                }""", constraints="=r,=r,=r,=r,r", args=[b], dtype=(tl.float16, tl.float16), is_pure=True,
-                pack=4)
-        else:
-            lo, hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t0, t1, z, m, c;
-                mov.b32 z, 0; mov.b32 m, 0x000F000F; mov.b32 c, 0x64006400;
-                prmt.b32 t0, $4, z, 0x4140;
-                prmt.b32 t1, $4, z, 0x4342;
-                lop3.b32 $0, t0, m, c, 0xEA;
-                lop3.b32 $1, t1, m, c, 0xEA;
-                shr.b32 t0, t0, 4;
-                shr.b32 t1, t1, 4;
-                lop3.b32 $2, t0, m, c, 0xEA;
-                lop3.b32 $3, t1, m, c, 0xEA;
-                sub.rn.f16x2 $0, $0, c;
-                sub.rn.f16x2 $1, $1, c;
-                sub.rn.f16x2 $2, $2, c;
-                sub.rn.f16x2 $3, $3, c;
-                }""", constraints="=r,=r,=r,=r,r", args=[b], dtype=(tl.float16, tl.float16), is_pure=True,
-                pack=4)
-    return lo, hi
 
 
 @triton.jit
@@ -292,38 +203,6 @@ def _w4_cc_kernel(x_ptr, q_ptr, s_ptr, y_ptr, ws_ptr, lock_ptr, N, K, stride_ym,
     y = tl.sum(acc, axis=1)
     store_tile(y[None, :], y_ptr, ws_ptr, lock_ptr, tl.arange(0, 1), offs_n, 1, N, stride_ym, pid_n, pid_k, n_split,
                USE_WS=USE_WS, BLOCK_T=1, BLOCK_N=BLOCK_N)
-
-
-def _quarters_asm(one: str, one_plus_8: str, sub: str) -> str:
-    """PTX for `_quarters`: per 32-bit register (two int16), the four nibbles of each half OR-ed into the
-    exponent bits of `one` (128 in bf16 / 1024 in fp16: exactly 128 + q), then `one_plus_8` subtracted."""
-    steps = "".join(f"shr.b32 t, $4, {4 * i};\nlop3.b32 ${i}, t, m, c, 0xEA;\n" for i in range(1, 4))
-    subs = "".join(f"{sub} ${i}, ${i}, d;\n" for i in range(4))
-    return ("{\n.reg .b32 t, m, c, d;\n"
-            f"mov.b32 m, 0x000F000F; mov.b32 c, {one}; mov.b32 d, {one_plus_8};\n"
-            "lop3.b32 $0, $4, m, c, 0xEA;\n" + steps + subs + "}")
-
-
-_QUARTERS_BF16: tl.constexpr = tl.constexpr(_quarters_asm("0x43004300", "0x43084308", "sub.rn.bf16x2"))
-_QUARTERS_FP16: tl.constexpr = tl.constexpr(_quarters_asm("0x64006400", "0x64086408", "sub.rn.f16x2"))
-
-
-@triton.jit
-def _quarters(w, IS_BF16: tl.constexpr, ASM: tl.constexpr):
-    """int16 tile of the quarter layout -> its four nibbles as bf16/fp16 values q - 8 (four tiles of w's
-    shape). ASM: per 32-bit register (two int16), three shifts, four lop3 that OR the exponent bits of 128
-    (bf16) / 1024 (fp16) into two nibbles at once, and four packed subtracts: 11 instructions per 8 weights."""
-    if not ASM:
-        dt = tl.bfloat16 if IS_BF16 else tl.float16
-        w0, w1 = ((w & 15) - 8).to(dt), (((w >> 4) & 15) - 8).to(dt)
-        w2, w3 = (((w >> 8) & 15) - 8).to(dt), (((w >> 12) & 15) - 8).to(dt)
-    elif IS_BF16:
-        w0, w1, w2, w3 = tl.inline_asm_elementwise(_QUARTERS_BF16, "=r,=r,=r,=r,r", [w], dtype=(tl.bfloat16,) * 4,
-                                                   is_pure=True, pack=2)
-    else:
-        w0, w1, w2, w3 = tl.inline_asm_elementwise(_QUARTERS_FP16, "=r,=r,=r,=r,r", [w], dtype=(tl.float16,) * 4,
-                                                   is_pure=True, pack=2)
-    return w0, w1, w2, w3
 
 
 @triton.jit(do_not_specialize=["M", "GSTEPS", "n_split"])
