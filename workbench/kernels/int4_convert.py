@@ -14,6 +14,25 @@ import triton.language as tl
 ASM = os.environ.get("TRITON_INTERPRET", "0") != "1"  # inline PTX conversion (not in the interpreter)
 
 
+def _nibbles_asm(one: str, minus: str | None, sub: str) -> str:
+    """PTX for `nibbles`: the four bytes of a 32-bit register spread over two (prmt), each byte's low and
+    then high nibble OR-ed into the exponent bits of `one` (lop3, two values at once: exactly one + q), then
+    `minus` (one + 8: q - 8) or `one` itself (q) subtracted, packed."""
+    regs, d = ("t0, t1, z, m, c, d", f" mov.b32 d, {minus};") if minus else ("t0, t1, z, m, c", "")
+    return ("{\n" f".reg .b32 {regs};\n" f"mov.b32 z, 0; mov.b32 m, 0x000F000F; mov.b32 c, {one};{d}\n"
+            "prmt.b32 t0, $4, z, 0x4140;\nprmt.b32 t1, $4, z, 0x4342;\n"
+            "lop3.b32 $0, t0, m, c, 0xEA;\nlop3.b32 $1, t1, m, c, 0xEA;\n"
+            "shr.b32 t0, t0, 4;\nshr.b32 t1, t1, 4;\n"
+            "lop3.b32 $2, t0, m, c, 0xEA;\nlop3.b32 $3, t1, m, c, 0xEA;\n"
+            + "".join(f"{sub} ${i}, ${i}, {'d' if minus else 'c'};\n" for i in range(4)) + "}")
+
+
+_NIBBLES_BF16_SYM: tl.constexpr = tl.constexpr(_nibbles_asm("0x43004300", "0x43084308", "sub.rn.bf16x2"))
+_NIBBLES_BF16: tl.constexpr = tl.constexpr(_nibbles_asm("0x43004300", None, "sub.rn.bf16x2"))
+_NIBBLES_FP16_SYM: tl.constexpr = tl.constexpr(_nibbles_asm("0x64006400", "0x64086408", "sub.rn.f16x2"))
+_NIBBLES_FP16: tl.constexpr = tl.constexpr(_nibbles_asm("0x64006400", None, "sub.rn.f16x2"))
+
+
 @triton.jit
 def nibbles(b, IS_BF16: tl.constexpr, SUB: tl.constexpr, ASM: tl.constexpr):
     """uint8 tile -> (low nibble, high nibble) as bf16/fp16 values v - SUB (SUB = 8: symmetric, 0: q).
@@ -24,82 +43,18 @@ def nibbles(b, IS_BF16: tl.constexpr, SUB: tl.constexpr, ASM: tl.constexpr):
         hi = ((b >> 4).to(tl.int16) - SUB).to(dt)
     elif IS_BF16:
         if SUB == 8:
-            lo, hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t0, t1, z, m, c, d;
-                mov.b32 z, 0; mov.b32 m, 0x000F000F; mov.b32 c, 0x43004300; mov.b32 d, 0x43084308;
-                prmt.b32 t0, $4, z, 0x4140;
-                prmt.b32 t1, $4, z, 0x4342;
-                lop3.b32 $0, t0, m, c, 0xEA;
-                lop3.b32 $1, t1, m, c, 0xEA;
-                shr.b32 t0, t0, 4;
-                shr.b32 t1, t1, 4;
-                lop3.b32 $2, t0, m, c, 0xEA;
-                lop3.b32 $3, t1, m, c, 0xEA;
-                sub.rn.bf16x2 $0, $0, d;
-                sub.rn.bf16x2 $1, $1, d;
-                sub.rn.bf16x2 $2, $2, d;
-                sub.rn.bf16x2 $3, $3, d;
-                }""", constraints="=r,=r,=r,=r,r", args=[b], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
-                pack=4)
+            lo, hi = tl.inline_asm_elementwise(_NIBBLES_BF16_SYM, "=r,=r,=r,=r,r", [b],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
         else:
-            lo, hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t0, t1, z, m, c;
-                mov.b32 z, 0; mov.b32 m, 0x000F000F; mov.b32 c, 0x43004300;
-                prmt.b32 t0, $4, z, 0x4140;
-                prmt.b32 t1, $4, z, 0x4342;
-                lop3.b32 $0, t0, m, c, 0xEA;
-                lop3.b32 $1, t1, m, c, 0xEA;
-                shr.b32 t0, t0, 4;
-                shr.b32 t1, t1, 4;
-                lop3.b32 $2, t0, m, c, 0xEA;
-                lop3.b32 $3, t1, m, c, 0xEA;
-                sub.rn.bf16x2 $0, $0, c;
-                sub.rn.bf16x2 $1, $1, c;
-                sub.rn.bf16x2 $2, $2, c;
-                sub.rn.bf16x2 $3, $3, c;
-                }""", constraints="=r,=r,=r,=r,r", args=[b], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
-                pack=4)
+            lo, hi = tl.inline_asm_elementwise(_NIBBLES_BF16, "=r,=r,=r,=r,r", [b], dtype=(tl.bfloat16, tl.bfloat16),
+                                               is_pure=True, pack=4)
     else:
         if SUB == 8:
-            lo, hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t0, t1, z, m, c, d;
-                mov.b32 z, 0; mov.b32 m, 0x000F000F; mov.b32 c, 0x64006400; mov.b32 d, 0x64086408;
-                prmt.b32 t0, $4, z, 0x4140;
-                prmt.b32 t1, $4, z, 0x4342;
-                lop3.b32 $0, t0, m, c, 0xEA;
-                lop3.b32 $1, t1, m, c, 0xEA;
-                shr.b32 t0, t0, 4;
-                shr.b32 t1, t1, 4;
-                lop3.b32 $2, t0, m, c, 0xEA;
-                lop3.b32 $3, t1, m, c, 0xEA;
-                sub.rn.f16x2 $0, $0, d;
-                sub.rn.f16x2 $1, $1, d;
-                sub.rn.f16x2 $2, $2, d;
-                sub.rn.f16x2 $3, $3, d;
-                }""", constraints="=r,=r,=r,=r,r", args=[b], dtype=(tl.float16, tl.float16), is_pure=True,
-                pack=4)
+            lo, hi = tl.inline_asm_elementwise(_NIBBLES_FP16_SYM, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
         else:
-            lo, hi = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t0, t1, z, m, c;
-                mov.b32 z, 0; mov.b32 m, 0x000F000F; mov.b32 c, 0x64006400;
-                prmt.b32 t0, $4, z, 0x4140;
-                prmt.b32 t1, $4, z, 0x4342;
-                lop3.b32 $0, t0, m, c, 0xEA;
-                lop3.b32 $1, t1, m, c, 0xEA;
-                shr.b32 t0, t0, 4;
-                shr.b32 t1, t1, 4;
-                lop3.b32 $2, t0, m, c, 0xEA;
-                lop3.b32 $3, t1, m, c, 0xEA;
-                sub.rn.f16x2 $0, $0, c;
-                sub.rn.f16x2 $1, $1, c;
-                sub.rn.f16x2 $2, $2, c;
-                sub.rn.f16x2 $3, $3, c;
-                }""", constraints="=r,=r,=r,=r,r", args=[b], dtype=(tl.float16, tl.float16), is_pure=True,
-                pack=4)
+            lo, hi = tl.inline_asm_elementwise(_NIBBLES_FP16, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                               is_pure=True, pack=4)
     return lo, hi
 
 
