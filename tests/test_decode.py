@@ -258,3 +258,23 @@ def test_v32_indexer_keys_are_cached_and_narrow_attention_to_its_top_keys():
             layer.self_attn.indexer.index_topk = 64  # every key selected
         decoder.prefill(everything, 0, ids[:20])
         assert not torch.allclose(decoder.step(everything, ids[20:21])[0], logits[0], atol=1e-4)
+
+
+def test_expert_load_counts_every_routing_choice_and_resets():
+    """stats()["expert_load"]: per MoE layer the tokens each routed expert got (top-k choices per token, so
+    a layer's counts sum to tokens x top-k); zero after reset_stats; None for a dense model; its figure."""
+    from workbench.viz import expert_load_figure
+    engine = Engine.from_pretrained("synthetic:deepseek-v3-tiny", device="cpu")
+    cfg = engine.model.config
+    assert engine.stats()["expert_load"] is None
+    engine.generate(PROMPTS, max_new_tokens=4, chat=False)
+    load = engine.stats()["expert_load"]
+    assert load["layers"] == list(range(cfg.first_k_dense_replace, cfg.num_hidden_layers))
+    for tokens, counts in zip(load["tokens"], load["counts"]):
+        assert len(counts) == cfg.n_routed_experts and sum(counts) == tokens * cfg.num_experts_per_tok > 0
+    assert all(i >= 1.0 for i in load["imbalance"])
+    fig = expert_load_figure(load)
+    assert fig.data[0].type == "heatmap" and len(fig.data[0].z) == len(load["layers"])
+    engine.reset_stats()
+    assert engine.stats()["expert_load"] is None
+    assert Engine.from_pretrained("synthetic:tiny-llama", device="cpu").stats()["expert_load"] is None

@@ -27,6 +27,7 @@ import torch
 from workbench.accounting import weight_accounting
 from workbench.attention.backend import attention_recall, reset_recall
 from workbench.errors import InputError, PolicyError
+from workbench.expert_load import expert_load, install as install_expert_load, reset as reset_expert_load
 from workbench.formats.awq import NormFolds, groups as awq_groups
 from workbench.memory import ReleasedOriginals, release_freed_memory
 from workbench.models import LoadedModel, load, model_summary
@@ -71,6 +72,7 @@ class Engine:
         self._reference_depth = 0
         self._runner: BatchRunner | None = None  # generate's runner, kept while its shape fits
         concatenate_projections(self.model)  # before any packed weight is keyed on weight storage
+        install_expert_load(self.model)  # tokens per routed expert (MoE models), in stats()
         self.reconfigure(policy or Policy.identity(), calibration=calibration)
 
     @classmethod
@@ -226,10 +228,11 @@ class Engine:
         return collect_hessians(self, fqns, sparsified=True)
 
     def reset_stats(self) -> None:
-        """Start measuring achieved sparsity and attention recall afresh."""
+        """Start measuring achieved sparsity, attention recall and expert load afresh."""
         for _, w in wrappers(self.model):
             w.reset_stats()
         reset_recall(self.model)
+        reset_expert_load(self.model)
 
     def unwrap(self) -> None:
         """Back to the unmodified model (identity policy)."""
@@ -406,6 +409,7 @@ class Engine:
                          last_forward_ms=self.last_latency_ms, attention_recall=attention_recall(self.model),
                          fallbacks=dict(getattr(self.model, "workbench_fallbacks", {})),
                          switch_cache_bytes=self._switch_cache_bytes(), kv_cache=self._kv_cache(),
+                         expert_load=expert_load(self.model),
                          awq={n: f for n, f in self.norm_folds.facts.items() if n in self.norm_folds.folded})
             facts["held_bytes"] = facts["weight_bytes"] + facts["reference_bytes"] + facts["switch_cache_bytes"]
             return facts
