@@ -46,15 +46,23 @@ def test_synthetic_models_are_seeded_and_run():
     assert logits.shape == (1, 3, 259)
 
 
-def test_real_shape_configs_match_published_sizes():
+@pytest.mark.parametrize("name, total, active", [
+    ("llama-3-8b", 8.03e9, 8.03e9), ("llama-3.1-8b", 8.03e9, 8.03e9),
+    ("deepseek-v2-lite", 15.7e9, 2.66e9),  # DeepSeek-V2-Lite: 15.7B, 2.4B active without the embeddings
+])
+def test_real_shape_configs_match_published_sizes(name, total, active):
+    from transformers import AutoModelForCausalLM
+
     from workbench.synthetic import synthetic_config
-    cfg = synthetic_config("llama-3-8b")
+    cfg = synthetic_config(name)
     with torch.device("meta"):
-        from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_config(cfg)
     n = sum(p.numel() for p in model.parameters())
-    assert abs(n - 8.03e9) / 8.03e9 < 0.01  # Llama-3-8B has 8.03B parameters
-    assert set(SYNTHETIC_CONFIGS) >= {"llama-3-8b", "llama-3.2-1b", "deepseek-v3-tiny"}
+    experts = sum(p.numel() for k, p in model.named_parameters() if ".experts." in k)
+    routed = getattr(cfg, "n_routed_experts", None)
+    used = experts * cfg.num_experts_per_tok / routed if routed else 0
+    assert abs(n - total) / total < 0.01 and abs(n - experts + used - active) / active < 0.01
+    assert set(SYNTHETIC_CONFIGS) >= {"llama-3-8b", "llama-3.2-1b", "deepseek-v3-tiny", "deepseek-v3-slice"}
 
 
 def test_byte_tokenizer_roundtrips_utf8():
