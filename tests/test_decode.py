@@ -278,3 +278,12 @@ def test_expert_load_counts_every_routing_choice_and_resets():
     engine.reset_stats()
     assert engine.stats()["expert_load"] is None
     assert Engine.from_pretrained("synthetic:tiny-llama", device="cpu").stats()["expert_load"] is None
+
+
+def test_the_fused_decode_kernels_refuse_other_layer_layouts_in_one_line():
+    """Gemma 3 and DeepSeek decode through their own modules: the fused Llama-family step says why not
+    (its layout check, which a CUDA bf16 model reaches), and a Llama model passes it."""
+    from workbench.runtime.fused import layout_reason
+    assert "not 'deepseek_v3'" in layout_reason(Engine.from_pretrained("synthetic:tiny-deepseek_v3", device="cpu").model)
+    assert "not 'gemma3_text'" in layout_reason(Engine.from_pretrained("synthetic:tiny-gemma3", device="cpu").model)
+    assert layout_reason(Engine.from_pretrained("synthetic:tiny-llama", device="cpu").model) is None

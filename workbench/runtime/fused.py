@@ -77,7 +77,14 @@ def fused_reason(model: nn.Module) -> str | None:
         return "needs a bf16/fp16 model on CUDA"
     if importlib.util.find_spec("triton") is None:
         return "needs Triton"
+    return layout_reason(model)
+
+
+def layout_reason(model: nn.Module) -> str | None:
+    """None when the layers have the layout the fused kernels are written for (the Llama family's)."""
     cfg = model.config
+    if cfg.model_type not in ("llama", "mistral", "qwen2", "qwen3"):  # decoder.LLAMA_FAMILY (no import circle)
+        return f"the fused kernels cover the Llama family's layers, not {cfg.model_type!r}"
     layer = model.model.layers[0]
     if hasattr(layer.self_attn, "q_norm") or getattr(cfg, "hidden_act", "silu") != "silu":
         return "q/k norms or a non-SiLU MLP"
