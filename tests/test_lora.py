@@ -146,9 +146,11 @@ def test_malformed_jsonl_names_the_line(tmp_path):
         train(engine, str(path), steps=1, progress=False)
 
 
-def test_generation_with_adapters_attached_follows_the_adapted_model():
-    """The decode loop runs the LoRA layers: its greedy tokens are the adapted model's argmax."""
-    engine = Engine.from_pretrained("synthetic:tiny-llama", device="cpu", policy=Policy.uniform(0.3, "topk", "int8"))
+@pytest.mark.parametrize("model", ["synthetic:tiny-llama", "synthetic:gemma3-tiny-window", "synthetic:tiny-deepseek_v3"])
+def test_generation_with_adapters_attached_follows_the_adapted_model(model):
+    """The decode loop runs the LoRA layers (Gemma 3's, DeepSeek's latent-attention projections and shared
+    experts too): its greedy tokens are the adapted model's argmax."""
+    engine = Engine.from_pretrained(model, device="cpu", policy=Policy.uniform(0.3, "topk", "int8"))
     attach_lora(engine, r=4, targets="all-linear")
     _perturb(engine)
     ids = engine.encode(["some prompt"], chat=False)["input_ids"]
