@@ -161,3 +161,24 @@ def test_gpu_kernels_follow_ranges_names_and_the_layer_order(linked):
     rules = {name: rule for name, _, _, rule in launches}
     assert rules["nvjet_splitK_o"] == "op range" and rules["_w8_kernel"] == "GPU span"
     assert rules["nvjet_tst_qkv"] == "layer order" and rules["_rope_cache_kernel"] == "name"
+
+
+def test_the_bytes_a_step_must_read_follow_the_architecture():
+    """The roofline's cache bytes: keys and values per head (a sliding layer only its window), or a
+    latent and a rope key per position for latent attention (plus V3.2's index key); routed experts:
+    the share a batch's tokens reach under even routing, top-k of E at batch 1, nearly all at 64."""
+    from workbench.profiling import expert_read_bytes, kv_read_bytes
+    llama = Engine.from_pretrained("synthetic:tiny-llama", device="cpu").model
+    assert kv_read_bytes(llama, 2, 100) == 2 * 2 * 2 * 16 * 100 * 2 * 4  # K+V, layers, kv heads, dim, ctx, batch
+    gemma = Engine.from_pretrained("synthetic:gemma3-tiny-window", device="cpu").model
+    assert kv_read_bytes(gemma, 1, 100) == 2 * 2 * 16 * (8 + 100) * 4  # the sliding layer reads its 8 keys
+    for name, index in (("synthetic:tiny-deepseek_v3", 0), ("synthetic:tiny-deepseek_v32", 16)):
+        mla = Engine.from_pretrained(name, device="cpu").model
+        cfg = mla.config
+        assert kv_read_bytes(mla, 1, 10) == cfg.num_hidden_layers * (16 + 8 + index) * 10 * 4
+    moe = Engine.from_pretrained("synthetic:deepseek-v3-tiny", device="cpu").model
+    cfg = moe.config
+    every = sum(p.numel() * 4 for layer in moe.model.layers if hasattr(layer.mlp, "experts")
+                for p in layer.mlp.experts.parameters())
+    assert expert_read_bytes(moe, 1) == pytest.approx(every * cfg.num_experts_per_tok / cfg.n_routed_experts, rel=1e-6)
+    assert every * 0.99 < expert_read_bytes(moe, 64) <= every and expert_read_bytes(llama, 1) == 0

@@ -34,7 +34,7 @@ from workbench.engine import Engine
 from workbench.environment import environment
 from workbench.errors import InputError
 from workbench.policy import Policy
-from workbench.profiling import format_profile, kv_read_bytes, linear_read_bytes, profile_step
+from workbench.profiling import expert_read_bytes, format_profile, kv_read_bytes, linear_read_bytes, profile_step
 from workbench.roles import linear_modules
 from workbench.runtime.cache import cache_capacity
 from workbench.runtime.decoder import unsupported_reason
@@ -97,9 +97,10 @@ def _peak_bytes(device: torch.device) -> int:
 def step_bytes(engine, batch: int, context: int) -> int:
     """Bytes one decode step must read at least: every linear layer's weight as the policy stores it,
     less the columns a sparsified layer skips (batch 1 only: a batch reads the union of its tokens'
-    columns), plus the KV cache it attends over. The embedding table is not read (one row per token)."""
+    columns), the routed experts its tokens reach, plus the KV cache it attends over. The embedding table
+    is not read (one row per token)."""
     weights = sum(linear_read_bytes(m, batch) for _, m, _ in linear_modules(engine.model))
-    return weights + kv_read_bytes(engine.model, batch, context)
+    return weights + expert_read_bytes(engine.model, batch) + kv_read_bytes(engine.model, batch, context)
 
 
 def time_decode(engine, batch: int, prompt_tokens: int, new_tokens: int, seed: int = 0) -> list[float]:

@@ -68,11 +68,32 @@ def linear_read_bytes(module: nn.Module, batch: int) -> int:
 
 
 def kv_read_bytes(model: nn.Module, batch: int, context: int) -> int:
-    """Bytes of keys and values a decode step attends over: `context` positions in each of `batch` slots."""
+    """Bytes of cache a decode step attends over: `context` positions in each of `batch` slots, per layer
+    its keys and values (a sliding-window layer only its window), or for latent attention the latent and
+    the rope key per position (and DeepSeek-V3.2's index key)."""
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * batch
-    return kv * next(model.parameters()).element_size()
+    if getattr(cfg, "kv_lora_rank", None):
+        per_position = [cfg.kv_lora_rank + cfg.qk_rope_head_dim + (getattr(cfg, "index_head_dim", None) or 0)]
+        positions = [context] * cfg.num_hidden_layers
+    else:
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_position = [2 * cfg.num_key_value_heads * head_dim]
+        kinds = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+        positions = [min(context, cfg.sliding_window) if k == "sliding_attention" else context for k in kinds]
+    return per_position[0] * sum(positions) * batch * next(model.parameters()).element_size()
+
+
+def expert_read_bytes(model: nn.Module, batch: int) -> int:
+    """Bytes of routed experts' weights a decode step reads: per MoE layer the experts its `batch` tokens
+    go to, expected under even routing (E (1 - (1 - k / E)^batch) of E experts, each top-k)."""
+    from workbench.expert_load import routers
+    k = getattr(model.config, "num_experts_per_tok", 1)
+    total = 0.0
+    for i, _, n in routers(model):
+        experts = model.model.layers[i].mlp.experts
+        nbytes = sum(p.numel() * p.element_size() for p in experts.parameters())
+        total += nbytes * (1 - (1 - min(k, n) / n) ** batch)
+    return int(total)
 
 
 def read_bytes(model: nn.Module, batch: int, context: int) -> dict[str, int]:
@@ -82,6 +103,7 @@ def read_bytes(model: nn.Module, batch: int, context: int) -> dict[str, int]:
     for _, m, role in linear_modules(model):
         out[ROLE_GROUP.get(role, "other")] += linear_read_bytes(m, batch)
     out["attention"] += kv_read_bytes(model, batch, context)
+    out["other"] += expert_read_bytes(model, batch)
     out["norms"] = sum(m.weight.numel() * m.weight.element_size() for _, m in model.named_modules()
                        if _is_norm(m) and getattr(m, "weight", None) is not None)
     return out
