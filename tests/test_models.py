@@ -95,3 +95,27 @@ def test_saved_folder_loads_like_any_hf_model(tmp_path):
     ids = torch.tensor([[5, 6, 7, 8]])
     assert torch.equal(lm.model(ids).logits, again.model(ids).logits)
     assert isinstance(again.model.lm_head, nn.Linear)
+
+
+@pytest.mark.parametrize("model, match, message", [
+    ("synthetic:tiny-deepseek_v3", "role:experts", "routed experts (model.layers.1.mlp.experts) take no weight format"),
+    ("synthetic:tiny-deepseek_v3", "*.mlp.experts", "take no weight format or sparsity yet"),
+    ("synthetic:tiny-deepseek_v3", "model.layers.1.mlp.experts.3.*", "matches no module: the routed experts"),
+    ("synthetic:tiny-llama", "role:experts", "'llama' has no routed experts"),
+    ("synthetic:tiny-llama", "model.layers.0.mlp.experts.*", "'llama' has no routed experts"),
+])
+def test_a_rule_for_routed_experts_is_one_line_and_leaves_the_model(model, match, message):
+    """Routed experts are one 3-D module per layer, outside every policy for now: a rule naming them (or an
+    expert of them, or experts a dense model does not have) is refused before anything changes, while
+    shared experts take rules as any MLP does."""
+    from workbench import Engine, Policy, PolicyError
+    from workbench.policy import parse_precision
+    engine = Engine.from_pretrained(model, device="cpu", policy=Policy.parse("int8"))
+    with pytest.raises(PolicyError, match=re.escape(message)):
+        engine.reconfigure(Policy.uniform(precision="int8").with_rule(match, weights=parse_precision("int4-g32")))
+    assert engine.policy.name == "int8"
+    if "deepseek" in model:
+        engine.reconfigure(Policy.uniform(precision="int8").with_rule("*.shared_experts.*",
+                                                                      weights=parse_precision("int4-g32")))
+        shared = engine.model.model.layers[1].mlp.shared_experts.gate_proj
+        assert shared.setting.weights.label == "int4-g32"  # the rule took on the shared expert

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -62,6 +63,7 @@ def plan(model: nn.Module, policy: Policy) -> list[PlannedModule]:
                                                     "(an embedding table has no inputs to calibrate on)")
         planned.append(step)
     _check_attention(model, policy)
+    _check_experts(model, policy)
     return planned
 
 
@@ -86,6 +88,30 @@ def _fitted(base: nn.Module, fqn: str, role: str | None, setting: Setting, model
         check_setting(base, fitted, fqn, embedding)
         reason = str(refusal).split(": ", 1)[-1]
         return PlannedModule(fqn, role, fitted, f"{setting.weights.label} -> {fit.label} ({reason})")
+
+
+def _check_experts(model: nn.Module, policy: Policy) -> None:
+    """Routed experts (one module of 3-D tensors per layer in transformers 5, role `experts`) take no weight
+    format or sparsity yet: a rule that names them is refused in one line rather than ignored, on a model
+    with experts and on one without (where it matches nothing)."""
+    experts = [fqn for fqn, _ in model.named_modules() if fqn.endswith(".mlp.experts")]
+    for rule in policy.rules:
+        if rule.setting.linear_is_identity:
+            continue
+        if rule.match.startswith("role:"):
+            named = "experts" in {r.strip() for r in rule.match[5:].split(",")}
+        else:
+            named = re.search(r"(?<!shared_)experts", rule.match) is not None
+        hits = [fqn for fqn in experts if rule.matches(fqn, "experts")]
+        if hits:
+            where = f"{hits[0]} and {len(hits) - 1} more" if len(hits) > 1 else hits[0]
+            raise PolicyError(f"rule {rule.match!r}: routed experts ({where}) take no weight format or sparsity "
+                              "yet; their shared experts and the other layers do")
+        if named and not experts:
+            raise PolicyError(f"rule {rule.match!r}: {model.config.model_type!r} has no routed experts")
+        if named and not any(rule.matches(fqn, role) for fqn, _, role in linear_modules(model)):
+            raise PolicyError(f"rule {rule.match!r} matches no module: the routed experts of a layer are one "
+                              f"module ({experts[0]}), not one per expert")
 
 
 def _check_attention(model: nn.Module, policy: Policy) -> None:
