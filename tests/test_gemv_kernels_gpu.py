@@ -197,3 +197,59 @@ def test_graph_capture_replays():
     torch.cuda.synchronize()
     for a, b in zip(eager, outs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("m", TOKENS)
+@pytest.mark.parametrize("group, k", [(64, K), (128, 640), (64, 4096)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_on_tensor_cores_in_cuda_cpp_matches_reference(m, group, k, dtype):
+    """The CUDA C++ kernel (`gemv_int4_mma`), every config, N = 1000 (not a multiple of its 16-row tile),
+    with and without programmatic dependent launch."""
+    from workbench.kernels import gemv_int4, gemv_int4_mma
+    from workbench.formats.quant import quantize_int4
+    t = quantize_int4(_weight(k=k, seed=group + m), group)
+    layout = gemv_int4_mma.pack(t)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    want = gemv_int4.reference(x, t)
+    for cfg in gemv_int4_mma.candidates(m, N, k, group):
+        for pdl in ("0", "1"):
+            os.environ["WORKBENCH_PDL"] = pdl
+            try:
+                y = gemv_int4_mma.launch(x, layout, cfg, y=_poisoned(m, N, dtype))
+            finally:
+                os.environ.pop("WORKBENCH_PDL")
+            assert _rel(y, want) < TOL, (cfg, pdl)
+
+
+def test_int4_on_tensor_cores_replays_in_a_cuda_graph_on_new_inputs():
+    from workbench.kernels import gemv_int4, gemv_int4_mma
+    from workbench.formats.quant import quantize_int4
+    t = quantize_int4(_weight(k=1024), 64)
+    layout = gemv_int4_mma.pack(t)
+    x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
+    cfg = gemv_int4_mma.candidates(8, N, 1024, 64)[0]
+    y = gemv_int4_mma.launch(x, layout, cfg)  # compiled outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = gemv_int4_mma.launch(x, layout, cfg)
+    for seed in range(3):
+        x.copy_(torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16, generator=torch.Generator(
+            device="cuda").manual_seed(seed)))
+        graph.replay()
+        assert _rel(y, gemv_int4.reference(x, t)) < TOL
+
+
+@pytest.mark.parametrize("m", TOKENS)
+@pytest.mark.parametrize("k", [K, 4096])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_on_tensor_cores_in_cuda_cpp_matches_reference(m, k, dtype):
+    """`gemv_int8_mma`, every config, N = 1000 (not a multiple of its 16-row tile)."""
+    from workbench.kernels import gemv_int8, gemv_int8_mma
+    from workbench.formats.quant import quantize_int8_channel
+    t = quantize_int8_channel(_weight(k=k, seed=m))
+    layout = gemv_int8_mma.pack(t)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    want = gemv_int8.reference(x, t)
+    for cfg in gemv_int8_mma.candidates(m, N, k):
+        y = gemv_int8_mma.launch(x, layout, cfg, y=_poisoned(m, N, dtype))
+        assert _rel(y, want) < TOL, cfg

@@ -7,28 +7,32 @@ Candidates, all computing x @ dequantize(W).T in float32 accumulation from the s
 
     format              | ours                                   | peers
     --------------------+----------------------------------------+-------------------------------
-    int8, row scales    | gemv_int8 (no repack), quant_gemv      | gemlite A16W8
+    int8, row scales    | gemv_int8 (no repack), quant_gemv,     | gemlite A16W8
+                        | gemv_int8_mma (CUDA C++, tensor cores) |
     int8, b x b blocks  | quant_gemv                             | -
-    int4, groups of g   | gemv_int4 (repacked copy), quant_gemv  | tinygemm (bf16), gemlite A16Wn
+    int4, groups of g   | gemv_int4 (repacked copy), quant_gemv, | tinygemm (bf16), gemlite A16Wn
+                        | gemv_int4_mma (CUDA C++, tensor cores) |
 
 Each (shape, M) is timed once, inside CUDA graphs as the decode step runs (`tuning.tuned`), over every
 candidate's launch configs. Each implementation's re-laid-out copy of the weight is built for the tuning
 and kept only while a token count's choice uses it: an int4 layer would otherwise hold four copies
-(ours in two layouts, tinygemm's, gemlite's) for one it runs. A peer is first checked against our kernel on the tuning input and left out,
-with one log line, if it differs by more than `PEER_TOLERANCE` (relative): gemlite's int4 at one token
-differs by 2-3e-2 on the H200, our kernels by < 3e-3.
+(ours in two layouts, tinygemm's, gemlite's) for one it runs. A peer, and our CUDA C++ kernels (compiled
+on the machine they run on), are first checked against our Triton kernel on the tuning input and left
+out, with one log line, if they differ by more than `PEER_TOLERANCE` (relative): gemlite's int4 at one
+token differs by 2-3e-2 on the H200, our kernels by < 3e-3.
 """
 from __future__ import annotations
 
 import torch
 
-from workbench.kernels import gemv_int4, gemv_int8
+from workbench.kernels import gemv_int4, gemv_int4_mma, gemv_int8, gemv_int8_mma, mma_cuda
 from workbench.kernels.peers import gemlite_fits, gemlite_layer, say_once, tinygemm, tinygemm_fits, tinygemm_pack
 from workbench.kernels.quant_gemv import launch_candidates, quant_gemv
-from workbench.kernels.tuning import capturing, remembered, tuned
+from workbench.kernels.tuning import capturing, remembered, saved, tuned
 
 MAX_TOKENS = 64  # beyond this (prefill) the reference path's cuBLAS on the dequantized weight serves
 PEER_TOLERANCE = 1e-2
+CUDA_CPP = ("w8mma", "w4mma")  # our CUDA C++ kernels (`mma_cuda`)
 _UNBUILT = object()
 
 
@@ -45,6 +49,8 @@ class QuantPaths:
         self.offered = {  # implementation -> whether it can take this weight (its layout is built on use)
             "w8": family == "int8" and scale.dim() == 1,
             "w4": family == "int4" and self.group in gemv_int4.GROUPS and self.k % self.group == 0,
+            "w4mma": family == "int4" and gemv_int4_mma.fits(tensors) and mma_cuda.available(q.device),
+            "w8mma": family == "int8" and gemv_int8_mma.fits(tensors) and mma_cuda.available(q.device),
             "tiny": peers and family == "int4" and dtype == torch.bfloat16 and tinygemm_fits(tensors),
             "gemlite": peers and gemlite_fits(tensors, family, dtype)}
         self.layouts: dict[str, object] = {}  # implementation -> its copy of the weight, while one is chosen
@@ -55,7 +61,7 @@ class QuantPaths:
     @property
     def signature(self) -> tuple:
         return (self.family, self.n, self.k, self.group, self.asym, self.dtype, self.offered["w4"],
-                self.offered["tiny"], self.offered["gemlite"])
+                self.offered["tiny"], self.offered["gemlite"]) + tuple(i for i in CUDA_CPP if self.offered[i])
 
     def layout(self, cfg: dict):
         """The weight in `cfg`'s implementation's layout, built on first use (never inside a capture: the
@@ -67,6 +73,7 @@ class QuantPaths:
             if capturing():
                 raise RuntimeError(f"QuantPaths: the {impl} layout must be built before a CUDA graph capture")
             have = {"w8": lambda: gemv_int8.pack(self.tensors), "w4": lambda: gemv_int4.pack(self.tensors),
+                    "w4mma": lambda: gemv_int4_mma.pack(self.tensors), "w8mma": lambda: gemv_int8_mma.pack(self.tensors),
                     "tiny": lambda: tinygemm_pack(self.tensors),
                     "gemlite": lambda: gemlite_layer(self.tensors, self.family, self.dtype)}[impl]()
             self.layouts[impl] = have
@@ -99,8 +106,15 @@ class QuantPaths:
     def candidates(self, x: torch.Tensor) -> list[dict]:
         m = x.shape[0]
         out = self._own_candidates(x)
+        for impl in CUDA_CPP:  # our CUDA C++ kernels are checked like peers: they are compiled on this machine
+            if self.offered[impl] and (impl, m) not in self.rejected:
+                mma = [dict(impl=impl, **c) for c in (
+                    gemv_int4_mma.candidates(m, self.n, self.k, self.group) if impl == "w4mma"
+                    else gemv_int8_mma.candidates(m, self.n, self.k))]
+                if self._agrees(mma[0], x):
+                    out += mma
         for peer in ("tiny", "gemlite"):
-            if self.offered[peer] and (peer, m) not in self.rejected and self._peer_agrees(peer, x):
+            if self.offered[peer] and (peer, m) not in self.rejected and self._agrees(dict(impl=peer), x):
                 out.append(dict(impl=peer))
         return out
 
@@ -113,6 +127,10 @@ class QuantPaths:
             return gemv_int8.launch(x, layout, cfg)
         if impl == "w4":
             return gemv_int4.launch(x, layout, cfg)
+        if impl == "w4mma":
+            return gemv_int4_mma.launch(x, layout, cfg)
+        if impl == "w8mma":
+            return gemv_int8_mma.launch(x, layout, cfg)
         if impl == "tiny":
             return tinygemm(x, layout)
         return layout(x)  # gemlite's layer is a callable
@@ -123,7 +141,13 @@ class QuantPaths:
         key = ("quant_paths", *self.signature, m)
         cfg = remembered(key)
         if cfg is None:
-            cfg = tuned(key, self.candidates(x), lambda c: self.launch(x, c))
+            cands = self.candidates(x)
+            # A choice saved before our CUDA C++ kernels existed (its key lacks them) is timed against them
+            # alone: a fresh machine then compiles one Triton config per shape, not all of them.
+            before = saved(key[:10] + key[-1:]) if len(key) > 11 else None
+            if before in cands:
+                cands = [before] + [c for c in cands if c["impl"] in CUDA_CPP]
+            cfg = tuned(key, cands, lambda c: self.launch(x, c))
         if self.configs.get(m) is not cfg:
             self.chosen[m], self.configs[m] = cfg["impl"], cfg
             if not capturing():
@@ -136,14 +160,16 @@ class QuantPaths:
         x = x.contiguous()  # a no-op for the contiguous rows the decode step hands over
         return self.launch(x, self.choice(x))
 
-    def _peer_agrees(self, peer: str, x: torch.Tensor) -> bool:
-        """True when `peer`'s output for x matches our own kernel's (else it is left out, said once)."""
+    def _agrees(self, cfg: dict, x: torch.Tensor) -> bool:
+        """True when the output for x of `cfg` (a peer, or our CUDA C++ kernel) matches our Triton
+        kernel's (else it is left out, said once)."""
+        peer = cfg["impl"]
         if capturing():
             return False  # no checks inside a capture: the warm-up tunes first
         try:
-            if self.layout(dict(impl=peer)) is None:
+            if self.layout(cfg) is None:
                 raise ValueError("it has no layout for this weight")
-            got = self.launch(x, dict(impl=peer)).float()
+            got = self.launch(x, cfg).float()
         except Exception as e:  # noqa: BLE001 - a peer failing on a shape is skipped, not fatal
             self.rejected.add((peer, x.shape[0]))
             say_once((peer, self.signature, x.shape[0]), "%s skipped for %s %dx%d at %d tokens: %s", peer,
@@ -160,7 +186,8 @@ class QuantPaths:
         return True
 
     def describe(self) -> str:
-        names = [n for n, impl in (("gemv_int8", "w8"), ("gemv_int4", "w4")) if self.offered[impl]]
+        names = [n for n, impl in (("gemv_int8", "w8"), ("gemv_int4", "w4"), ("gemv_int8_mma", "w8mma"),
+                                   ("gemv_int4_mma", "w4mma")) if self.offered[impl]]
         names.append("quant_gemv")
         names += [n for n, impl in (("tinygemm", "tiny"), ("gemlite", "gemlite")) if self.offered[impl]]
         return "|".join(names)

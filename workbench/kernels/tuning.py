@@ -168,3 +168,10 @@ def capturing() -> bool:
 def remembered(key: Hashable) -> dict | None:
     """The config `tuned` kept for `key`, or None before it was tuned."""
     return _BEST.get(key)
+
+
+def saved(key: Hashable) -> dict | None:
+    """The config kept for `key` in this process or in the on-disk cache, or None."""
+    if key in _BEST:
+        return _BEST[key]
+    return _disk().get(_disk_key(key)) if _disk_path() else None
