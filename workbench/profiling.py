@@ -22,7 +22,8 @@ selection. Each GPU kernel (on CPU: each op's self time) then takes the first gr
 Bytes are what each group must read, bench's roofline split by role: each linear layer's weight as the
 policy stores it, less the columns a sparse layer skips at batch 1; the KV cache for attention; the
 norms' weights; activations are negligible. The step's wall time (on GPU the graph replay, what decoding
-runs) less the kernels' sum is the gaps between kernels.
+runs) less the kernels' sum is the gaps between kernels. A kernel launched with programmatic dependent
+launch starts before its predecessor ends and waits for it: it is charged only from that end on.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ _NAMED = ((re.compile(r"rms_?norm", re.I), "norms"),
           (re.compile(r"rope|rotary|sparse_decode|merge_splits|index_scores|attention|sdpa|flash|fmha", re.I),
            "attention"),
           (re.compile(r"silu|swiglu", re.I), "gate|up"))
-_MATMUL = re.compile(r"gemm|gemv|nvjet|xmma|cutlass|splitk|tinygemm|int4pack|gemlite|^aten::(mm|addmm|bmm|matmul|linear)$", re.I)
+_MATMUL = re.compile(r"gemm|gemv|nvjet|xmma|cutlass|splitk|tinygemm|int4pack|gemlite|_w[48]_\w*kernel|w4_mma|"
+                     r"^aten::(mm|addmm|bmm|matmul|linear)$", re.I)
 
 
 # ---- bytes each group must read ----------------------------------------------------------------------------
@@ -273,10 +275,16 @@ def _gpu_kernels(events) -> list[tuple]:
     spans.sort()
     starts = [s[0] for s in spans]
     rows = []
+    # A kernel launched with PDL starts while its predecessor still runs and waits for it in hardware:
+    # each kernel is charged from the later of its start and the previous kernel's end (one stream), so the
+    # overlap is counted once and the groups add up to the GPU's busy time.
+    busy_until = float("-inf")
     for k in sorted(kernels, key=lambda k: k.time_range.start):
-        start, end, us = k.time_range.start, k.time_range.end, k.time_range.elapsed_us()
+        start, end, dur = k.time_range.start, k.time_range.end, k.time_range.elapsed_us()
+        us = max(0.0, end - max(start, busy_until))  # time_range is in microseconds
+        busy_until = max(busy_until, end)
         op_id = getattr(k, "linked_correlation_id", None)
-        queue = launched_by.get((k.name, us))
+        queue = launched_by.get((k.name, dur))
         op = ops.get(op_id) if op_id is not None else queue.popleft() if queue else None
         ranged, via = (_enclosing(op)[1] if op is not None else None), "op range"
         if ranged is None:  # spans nest or are disjoint: the innermost holder began last
