@@ -253,3 +253,35 @@ def test_int8_on_tensor_cores_in_cuda_cpp_matches_reference(m, k, dtype):
     for cfg in gemv_int8_mma.candidates(m, N, k):
         y = gemv_int8_mma.launch(x, layout, cfg, y=_poisoned(m, N, dtype))
         assert _rel(y, want) < TOL, cfg
+
+
+@pytest.mark.parametrize("m", TOKENS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_weights_on_tensor_cores_in_cuda_cpp_match_reference(m, dtype):
+    """`gemv_bf16_mma` on the stored (N, K) weight, every config, N = 1000 (not a multiple of 16)."""
+    from workbench.kernels import gemv_bf16_mma
+    w = _weight(k=K, seed=m).to(dtype)
+    x = torch.randn(m, K, device="cuda", dtype=dtype)
+    want = x.double() @ w.double().T
+    for cfg in gemv_bf16_mma.candidates(m, N, K):
+        y = gemv_bf16_mma.launch(x, w, cfg, y=_poisoned(m, N, dtype))
+        assert _rel(y, want) < TOL, cfg
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_the_tuner_offers_our_cuda_cpp_kernels_after_checking_them(fmt):
+    """QuantPaths checks the CUDA C++ kernel against the Triton one and offers its configs; each launches
+    through QuantPaths to the reference's output."""
+    from workbench.formats.quant import quantize_int4, quantize_int8_channel
+    from workbench.kernels import gemv_int4, gemv_int8
+    from workbench.kernels.quant_paths import QuantPaths
+    t = quantize_int4(_weight(k=1024), 64) if fmt == "int4" else quantize_int8_channel(_weight(k=1024))
+    paths = QuantPaths(t, fmt, torch.bfloat16)
+    impl = "w4mma" if fmt == "int4" else "w8mma"
+    assert paths.offered[impl]
+    x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
+    want = (gemv_int4 if fmt == "int4" else gemv_int8).reference(x, t)
+    ours = [c for c in paths.candidates(x) if c["impl"] == impl]
+    assert ours, paths.rejected
+    for cfg in ours:
+        assert _rel(paths.launch(x, cfg), want) < TOL, cfg

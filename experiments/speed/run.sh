@@ -13,7 +13,7 @@ case "$which" in
   h200)
     export WORKBENCH_TUNING_CACHE="${WORKBENCH_TUNING_CACHE:-.cache/tuning_h200.json}"
     "${bench[@]}" --batch 1,8,32,64 --policies dense,int8,int4-g64,threshold50,threshold50+int8 \
-        --new-tokens 32 --out "$out/bench_llama-3-8b_h200.json"
+        --new-tokens 16 --out "$out/bench_llama-3-8b_h200.json" | tee "$out/bench_llama-3-8b_h200.log"
     "${bench[@]}" --batch 1,8 --policies dense,int8,int4-g64,threshold50,threshold50+int8 --new-tokens 8 \
         --profile --out "$out/profile_llama-3-8b_h200.json"
     ;;

@@ -306,3 +306,80 @@ __global__ void __launch_bounds__(WARPS * 32) w8_mma(const unsigned short* __res
     }
     reduce_store<NT, WARPS, BF16>(acc, scale, y, M, N);
 }
+
+// bf16/fp16 weights as they are stored (row-major (N, K), no copy), for the dense path's decode GEMVs: the
+// same MMA arrangement as `w4_mma`. With its input permutation, thread (g, t)'s A values for a 64-input
+// chunk are rows g and g + 8 at inputs 16t .. 16t+15: two 16-byte loads per row, four 128-byte segments
+// per row across the warp. Rows beyond N read row N - 1 and are not written.
+template <int NT, int WARPS, int U, bool BF16>
+__global__ void __launch_bounds__(WARPS * 32) w16_mma(const unsigned short* __restrict__ x,
+                                                     const unsigned short* __restrict__ w,
+                                                     unsigned short* __restrict__ y, int M, int N, int K) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int chunks = K >> 6;
+    const int per = (chunks + WARPS - 1) / WARPS;
+    const int c0 = min(warp * per, chunks), c1 = min(c0 + per, chunks);
+    const uint4* r0 = reinterpret_cast<const uint4*>(w + (size_t)min(blockIdx.x * 16 + g, N - 1) * K + 16 * t);
+    const uint4* r1 = reinterpret_cast<const uint4*>(w + (size_t)min(blockIdx.x * 16 + g + 8, N - 1) * K + 16 * t);
+    const unsigned short* xr[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) xr[nt] = x + (size_t)min(8 * nt + g, M - 1) * K + 16 * t;
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+
+    uint4 a[U][4];  // rows g (0, 1) and g + 8 (2, 3), inputs 16t .. 16t+7 and 16t+8 .. 16t+15 of a chunk
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        if (c0 + u < c1) {
+            const size_t o = (size_t)(c0 + u) * 8;  // a chunk is 64 inputs = 8 uint4 along a row
+            a[u][0] = load_stream(r0 + o); a[u][1] = load_stream(r0 + o + 1);
+            a[u][2] = load_stream(r1 + o); a[u][3] = load_stream(r1 + o + 1);
+        }
+    }
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+    for (int cb = c0; cb < c1; cb += U) {
+        uint4 an[U][4];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (cb + U + u < c1) {
+                const size_t o = (size_t)(cb + U + u) * 8;
+                an[u][0] = load_stream(r0 + o); an[u][1] = load_stream(r0 + o + 1);
+                an[u][2] = load_stream(r1 + o); an[u][3] = load_stream(r1 + o + 1);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (cb + u >= c1) break;
+            const int k0 = (cb + u) * 64;
+            uint4 xv[NT][2];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                xv[nt][0] = __ldg(reinterpret_cast<const uint4*>(xr[nt] + k0));
+                xv[nt][1] = __ldg(reinterpret_cast<const uint4*>(xr[nt] + k0 + 8));
+            }
+            const unsigned* lo = reinterpret_cast<const unsigned*>(&a[u][0]);  // row g, 8 words
+            const unsigned* hi = reinterpret_cast<const unsigned*>(&a[u][2]);  // row g + 8
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const unsigned frag[4] = {lo[2 * j], hi[2 * j], lo[2 * j + 1], hi[2 * j + 1]};
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    const unsigned* xw = reinterpret_cast<const unsigned*>(&xv[nt][j >> 1]);
+                    mma16816<BF16>(acc[nt], frag, xw[(j & 1) * 2], xw[(j & 1) * 2 + 1]);
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[u][i] = an[u][i];
+    }
+    reduce_store<NT, WARPS, BF16>(acc, nullptr, y, M, N);
+}

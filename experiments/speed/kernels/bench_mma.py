@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 import torch  # noqa: E402
 
 from workbench.formats.quant import quantize_int4, quantize_int8_channel  # noqa: E402
-from workbench.kernels import gemv_int4, gemv_int4_mma, gemv_int8, gemv_int8_mma  # noqa: E402
+from workbench.kernels import gemv_bf16_mma, gemv_int4, gemv_int4_mma, gemv_int8, gemv_int8_mma  # noqa: E402
 from workbench.kernels.peers import tinygemm, tinygemm_pack  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
@@ -164,19 +164,47 @@ def int8_shape(name, tokens, l2, rows, failed):
     torch.cuda.empty_cache()
 
 
+def bf16_shape(name, tokens, l2, rows, failed):
+    """cuBLAS against our CUDA C++ kernel on the same stored weights."""
+    n, k = SHAPES[name]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    wb = (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    dense = [wb] + [wb.clone() for _ in range(copies(2 * n * k, l2) - 1)]
+    for m in tokens:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        want = x.double() @ wb.double().T
+        line = {}
+        add = timer(rows, name, n, k, m, line)
+        add("cuBLAS bf16", [lambda d=d: x @ d.T for d in dense], 2 * n * k, rel(x @ wb.T, want.float()))
+        for cfg in gemv_bf16_mma.candidates(m, n, k):
+            try:
+                err = rel(gemv_bf16_mma.launch(x, wb, cfg), want.float())
+            except Exception as e:  # noqa: BLE001 - reported in the results, the run goes on
+                failed.append(f"w16_mma {name} m={m} {cfg}: {type(e).__name__}: {e}")
+                continue
+            if not err < 1e-2:
+                failed.append(f"w16_mma {name} m={m} {cfg}: rel err {err:.2e}")
+                continue
+            add(f"ours cuda {cfg['warps']}w{cfg['ahead']}a", [lambda d=d, c=cfg: gemv_bf16_mma.launch(x, d, c)
+                                                              for d in dense], 2 * n * k, err, cfg)
+        print(f"{name:8s} m={m:2d} " + "  ".join(f"{v}={us:.1f}" for v, us in line.items()), flush=True)
+    del dense
+    torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokens", default="1,8,16,32,64")
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--format", choices=("int4", "int8"), default="int4")
+    ap.add_argument("--format", choices=("int4", "int8", "bf16"), default="int4")
     args = ap.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     props = torch.cuda.get_device_properties(0)
     l2 = props.L2_cache_size
     rows, failed = [], []
     env = {"gpu": props.name, "torch": torch.__version__, "l2_bytes": l2, "pdl": os.environ.get("WORKBENCH_PDL", "1")}
-    run = int4_shape if args.format == "int4" else int8_shape
+    run = {"int4": int4_shape, "int8": int8_shape, "bf16": bf16_shape}[args.format]
     for name in args.shapes.split(","):
         run(name, tokens, l2, rows, failed)
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows, "failed": failed}, indent=1))
