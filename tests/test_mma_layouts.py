@@ -82,7 +82,7 @@ def test_offered_only_where_it_runs():
     assert not gemv_int4_mma.fits(quantize_int4(torch.randn(32, 128), 64, symmetric=False))
     assert not gemv_int4_mma.fits(quantize_int4(torch.randn(32, 128), 32))
     assert not mma_cuda.available("cpu")
-    assert [gemv_int4_mma.token_tiles(m) for m in (1, 8, 9, 16, 17, 33, 64)] == [1, 1, 2, 2, 4, 8, 8]
+    assert [mma_cuda.token_tiles(m) for m in (1, 8, 9, 16, 17, 33, 64)] == [1, 1, 2, 2, 4, 8, 8]
 
 
 def _emulate_int8(x, layout):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from workbench.kernels import mma_cuda
-from workbench.kernels.gemv_int4_mma import MAX_TOKENS, aligned_rows, token_tiles
 
 
 def fits(weight: torch.Tensor) -> bool:
@@ -19,21 +18,9 @@ def fits(weight: torch.Tensor) -> bool:
 
 
 def candidates(m: int, n: int, k: int) -> list[dict]:
-    chunks = k // 64
-    out = [{"warps": w, "ahead": a} for w in (8, 4, 16) if chunks >= w and w * token_tiles(m) <= 64
-           for a in ((2, 1) if token_tiles(m) <= 2 else (1,))]
-    return out or [{"warps": 1, "ahead": 1}]
+    """Launch configs worth timing (first: the untuned default); a step is a 64-input chunk."""
+    return mma_cuda.configs(k // 64, m, (2, 1), (1,))
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, cfg: dict, y: torch.Tensor | None = None) -> torch.Tensor:
-    m, k = x.shape
-    n = weight.shape[0]
-    if k != weight.shape[1] or m > MAX_TOKENS or x.dtype != weight.dtype:
-        raise ValueError(f"w16_mma takes x (M <= {MAX_TOKENS}, K={weight.shape[1]}) in {weight.dtype}, got "
-                         f"{tuple(x.shape)} {x.dtype}")
-    x = aligned_rows(x)
-    if y is None:
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    name = f"w16_mma<{token_tiles(m)}, {cfg['warps']}, {cfg['ahead']}, {'true' if x.dtype == torch.bfloat16 else 'false'}>"
-    mma_cuda.launch(name, (-(-n // 16), 1, 1), (32 * cfg["warps"], 1, 1), [x, weight, y, m, n, k], x.device)
-    return y
+    return mma_cuda.multiply("w16_mma", x, weight.shape[1], weight.shape[0], [weight], cfg, (weight.dtype,), y)

@@ -19,8 +19,7 @@ import torch
 from workbench.kernels import mma_cuda
 
 GROUPS = (64, 128)
-MAX_TOKENS = 64
-TILE = 16  # output rows per block
+TILE = mma_cuda.TILE
 # bit position of each of a word's 8 nibbles: [physical input offset e (0..3)][row half h (0: row g, 1: g+8)]
 SHIFTS = ((0, 4), (16, 20), (8, 12), (24, 28))
 
@@ -75,41 +74,12 @@ def unpack(layout: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return nib, sc.reshape(tiles * TILE, k // group)[:n]
 
 
-def token_tiles(m: int) -> int:
-    """Tiles of 8 tokens a launch computes for m tokens (a compiled variant each: 1, 2, 4 or 8)."""
-    return next(nt for nt in (1, 2, 4, 8) if 8 * nt >= m)
-
-
 def candidates(m: int, n: int, k: int, group: int) -> list[dict]:
-    """Launch configs worth timing (first: the untuned default). warps: K split over a block's warps;
-    ahead: groups whose weights each warp loads before converting the first."""
-    groups = k // group
-    out = []
-    for warps in (8, 4, 16):
-        if groups >= warps and warps * token_tiles(m) <= 64:  # the reduction's shared memory: <= 32 KB
-            for ahead in ((4, 2) if token_tiles(m) <= 2 else (2, 1)):
-                out.append({"warps": warps, "ahead": ahead})
-    return out or [{"warps": 1, "ahead": 1}]
+    """Launch configs worth timing (first: the untuned default); a step is one group."""
+    return mma_cuda.configs(k // group, m, (4, 2), (2, 1))
 
 
 def launch(x: torch.Tensor, layout: dict, cfg: dict, y: torch.Tensor | None = None) -> torch.Tensor:
     """y (M, N) = x (M, K) @ dequantize(W).T for M <= 64 tokens, in x's dtype."""
-    m, k = x.shape
-    n = layout["n"]
-    if k != layout["k"] or m > MAX_TOKENS or x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"w4_mma takes x (M <= {MAX_TOKENS}, K={layout['k']}) in bf16/fp16, got "
-                         f"{tuple(x.shape)} {x.dtype}")
-    x = aligned_rows(x)
-    if y is None:
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    name = (f"w4_mma<{token_tiles(m)}, {cfg['warps']}, {layout['group'] // 64}, {cfg['ahead']}, "
-            f"{'true' if x.dtype == torch.bfloat16 else 'false'}>")
-    mma_cuda.launch(name, (layout["wp"].shape[0], 1, 1), (32 * cfg["warps"], 1, 1),
-                    [x, layout["wp"], layout["sp"], y, m, n, k], x.device)
-    return y
-
-
-def aligned_rows(x: torch.Tensor) -> torch.Tensor:
-    """x as contiguous rows starting on a 16-byte boundary (the kernels load 16 bytes at a time)."""
-    x = x.contiguous()
-    return x if x.data_ptr() % 16 == 0 else x.clone()
+    return mma_cuda.multiply("w4_mma", x, layout["k"], layout["n"], [layout["wp"], layout["sp"]], cfg,
+                             (torch.bfloat16, torch.float16), y, params=(layout["group"] // 64,))

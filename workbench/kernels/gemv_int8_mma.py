@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from workbench.kernels import mma_cuda
-from workbench.kernels.gemv_int4_mma import MAX_TOKENS, TILE, aligned_rows, token_tiles
+from workbench.kernels.mma_cuda import TILE
 
 
 def fits(tensors: dict) -> bool:
@@ -46,24 +46,11 @@ def unpack(layout: dict) -> torch.Tensor:
 
 
 def candidates(m: int, n: int, k: int) -> list[dict]:
-    """Launch configs worth timing (first: the untuned default)."""
-    chunks = k // 32
-    out = [{"warps": w, "ahead": a} for w in (8, 4, 16) if chunks >= w and w * token_tiles(m) <= 64
-           for a in ((4, 2) if token_tiles(m) <= 2 else (2, 1))]
-    return out or [{"warps": 1, "ahead": 1}]
+    """Launch configs worth timing (first: the untuned default); a step is a 32-input chunk."""
+    return mma_cuda.configs(k // 32, m, (4, 2), (2, 1))
 
 
 def launch(x: torch.Tensor, layout: dict, cfg: dict, y: torch.Tensor | None = None) -> torch.Tensor:
     """y (M, N) = x (M, K) @ (q * scale).T for M <= 64 tokens, in x's dtype."""
-    m, k = x.shape
-    n = layout["n"]
-    if k != layout["k"] or m > MAX_TOKENS or x.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"w8_mma takes x (M <= {MAX_TOKENS}, K={layout['k']}) in bf16/fp16, got "
-                         f"{tuple(x.shape)} {x.dtype}")
-    x = aligned_rows(x)
-    if y is None:
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    name = f"w8_mma<{token_tiles(m)}, {cfg['warps']}, {cfg['ahead']}, {'true' if x.dtype == torch.bfloat16 else 'false'}>"
-    mma_cuda.launch(name, (layout["wp"].shape[0], 1, 1), (32 * cfg["warps"], 1, 1),
-                    [x, layout["wp"], layout["scale"], y, m, n, k], x.device)
-    return y
+    return mma_cuda.multiply("w8_mma", x, layout["k"], layout["n"], [layout["wp"], layout["scale"]], cfg,
+                             (torch.bfloat16, torch.float16), y)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from pathlib import Path
 import os
+from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("lowbit_mma.cu")
+MAX_TOKENS = 64
+TILE = 16  # output rows per block
 
 
 def available(device) -> bool:
@@ -44,6 +46,39 @@ def launch(name: str, grid: tuple, block: tuple, args: list, device: torch.devic
         _launch_pdl(kernel.func, grid, block, args)
     else:
         kernel(grid=grid, block=block, args=args)
+
+
+def token_tiles(m: int) -> int:
+    """Tiles of 8 tokens a launch computes for m tokens (a compiled variant each: 1, 2, 4 or 8)."""
+    return next(nt for nt in (1, 2, 4, 8) if 8 * nt >= m)
+
+
+def configs(steps: int, m: int, ahead_few: tuple, ahead_many: tuple) -> list[dict]:
+    """Launch configs worth timing, the untuned default first. warps: the K split over a block's warps
+    (at most one per step of `steps`, and the reduction's shared memory <= 32 KB); ahead: steps whose
+    weights each warp loads before using the first (`ahead_few` up to 16 tokens, else `ahead_many`)."""
+    aheads = ahead_few if token_tiles(m) <= 2 else ahead_many
+    out = [{"warps": w, "ahead": a} for w in (8, 4, 16) if steps >= w and w * token_tiles(m) <= 64 for a in aheads]
+    return out or [{"warps": 1, "ahead": 1}]
+
+
+def multiply(kernel: str, x: torch.Tensor, k: int, n: int, operands: list, cfg: dict, dtypes: tuple,
+             y: torch.Tensor | None = None, params: tuple = ()) -> torch.Tensor:
+    """y (M, N) = x (M, K) times the weight in `operands` through `kernel`<token tiles, warps, *params,
+    ahead, bf16>, for M <= 64 tokens, in x's dtype."""
+    m = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != k or m > MAX_TOKENS or x.dtype not in dtypes:
+        raise ValueError(f"{kernel} takes x (M <= {MAX_TOKENS}, K={k}) in {'/'.join(map(str, dtypes))}, got "
+                         f"{tuple(x.shape)} {x.dtype}")
+    x = x.contiguous()
+    if x.data_ptr() % 16:  # the kernels load 16 bytes at a time
+        x = x.clone()
+    if y is None:
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    args = ", ".join(str(a) for a in (token_tiles(m), cfg["warps"], *params, cfg["ahead"]))
+    name = f"{kernel}<{args}, {'true' if x.dtype == torch.bfloat16 else 'false'}>"
+    launch(name, (-(-n // TILE), 1, 1), (32 * cfg["warps"], 1, 1), [x, *operands, y, m, n, k], x.device)
+    return y
 
 
 # ---- programmatic dependent launch through the driver (torch's launcher has no launch attributes) ----------------
