@@ -124,3 +124,20 @@ def test_int8_pack_is_lossless_and_the_register_rules_compute_the_reference(n, k
     want = x @ dequantize_int8_channel(t).double().T
     assert torch.allclose(_emulate_int8(x, layout), want, rtol=1e-5, atol=1e-6)
     assert gemv_int8_mma.fits(t) and not gemv_int8_mma.fits(quantize_int8_channel(torch.randn(8, 48)))
+
+
+def test_launch_configs_give_blocks_of_several_tiles_only_where_they_fit():
+    """`mma_cuda.configs`: the untuned default is one tile per block; 2-4 tiles per block appear from 17
+    tokens on, never beyond 16 accumulator fragments (rows x token tiles x row cost), 8 warps or
+    rows x ahead = 4 (ptxas spills past these on sm_90); kernels without the rows argument get none."""
+    from workbench.kernels import mma_cuda
+    for m in (1, 8, 16, 17, 32, 33, 64):
+        for cost in (1, 2):
+            cfgs = mma_cuda.configs(64, m, (4, 2), (2, 1), row_tiles=True, row_cost=cost)
+            nt = mma_cuda.token_tiles(m)
+            assert cfgs[0]["rows"] == 1
+            multi = [c for c in cfgs if c["rows"] > 1]
+            assert bool(multi) == (nt >= 4 and 2 * nt * cost <= 16), (m, cost, cfgs)
+            assert all(c["rows"] * nt * cost <= 16 and c["warps"] <= 8 and c["rows"] * c["ahead"] <= 4
+                       for c in multi)
+        assert {c["rows"] for c in mma_cuda.configs(64, m, (2, 1), (1,))} == {1}

@@ -76,10 +76,11 @@ def unpack(layout: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def candidates(m: int, n: int, k: int, group: int) -> list[dict]:
     """Launch configs worth timing (first: the untuned default); a step is one group."""
-    return mma_cuda.configs(k // group, m, (4, 2), (2, 1))
+    return mma_cuda.configs(k // group, m, (4, 2), (2, 1), row_tiles=True, row_cost=group // 64)
 
 
 def launch(x: torch.Tensor, layout: dict, cfg: dict, y: torch.Tensor | None = None) -> torch.Tensor:
     """y (M, N) = x (M, K) @ dequantize(W).T for M <= 64 tokens, in x's dtype."""
     return mma_cuda.multiply("w4_mma", x, layout["k"], layout["n"], [layout["wp"], layout["sp"]], cfg,
-                             (torch.bfloat16, torch.float16), y, params=(layout["group"] // 64,))
+                             (torch.bfloat16, torch.float16), y, params=(layout["group"] // 64,),
+                             row_tiles=True)

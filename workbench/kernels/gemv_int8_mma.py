@@ -47,10 +47,10 @@ def unpack(layout: dict) -> torch.Tensor:
 
 def candidates(m: int, n: int, k: int) -> list[dict]:
     """Launch configs worth timing (first: the untuned default); a step is a 32-input chunk."""
-    return mma_cuda.configs(k // 32, m, (4, 2), (2, 1))
+    return mma_cuda.configs(k // 32, m, (4, 2), (2, 1), row_tiles=True)
 
 
 def launch(x: torch.Tensor, layout: dict, cfg: dict, y: torch.Tensor | None = None) -> torch.Tensor:
     """y (M, N) = x (M, K) @ (q * scale).T for M <= 64 tokens, in x's dtype."""
     return mma_cuda.multiply("w8_mma", x, layout["k"], layout["n"], [layout["wp"], layout["scale"]], cfg,
-                             (torch.bfloat16, torch.float16), y)
+                             (torch.bfloat16, torch.float16), y, row_tiles=True)

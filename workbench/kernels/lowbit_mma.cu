@@ -20,8 +20,9 @@
 // Each group's four (or eight) MMAs go into a float32 partial that is scaled in float32 into the
 // accumulator: the products (q - 8) * x are exact, as in the float32 reference.
 //
-// A block owns one 16-row tile and splits K over its WARPS warps (reduced through shared memory: no
-// atomics, no zeroing or cast launches). Rows beyond N are padding (scale 0) and not written.
+// A block owns R consecutive 16-row tiles (R = 1 up to 16 tokens; 2-4 for 32-64 tokens, where every x
+// fragment a warp loads then feeds R tiles) and splits K over its WARPS warps (reduced through shared
+// memory: no atomics, no zeroing or cast launches). Rows beyond N are padding (scale 0) and not written.
 // No headers: NVRTC compiles this as it is (the packed 16-bit operations are inline PTX).
 
 template <bool BF16> struct Half;
@@ -86,13 +87,15 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {  // weights: read
     return v;
 }
 
-// The block's warps split K: their accumulators (C fragments: rows g, g+8 of the tile, tokens 2t, 2t+1 of
+// The block's warps split K: their accumulators (C fragments: rows g, g+8 of a tile, tokens 2t, 2t+1 of
 // each token tile) are summed through shared memory and written once, times the row scale if there is one.
+// One row tile at a time (`tile`), so the shared memory does not grow with the tiles a block owns.
 template <int NT, int WARPS, bool BF16>
 __device__ __forceinline__ void reduce_store(const float (&acc)[NT][4], const float* __restrict__ row_scale,
-                                             unsigned short* __restrict__ y, int M, int N) {
+                                             unsigned short* __restrict__ y, int M, int N, int tile) {
     __shared__ float red[WARPS][NT * 4][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();  // the previous tile's sums are read
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -104,7 +107,7 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[NT][4], const fl
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) sum += red[w][reg][ln];
         const int nt = reg >> 2, i = reg & 3;
-        const int row = blockIdx.x * 16 + (ln >> 2) + ((i & 2) ? 8 : 0);
+        const int row = tile * 16 + (ln >> 2) + ((i & 2) ? 8 : 0);
         const int tok = 8 * nt + 2 * (ln & 3) + (i & 1);
         if (tok < M && row < N) {
             y[(size_t)tok * N + row] = Half<BF16>::out(row_scale ? sum * row_scale[row] : sum);
@@ -112,112 +115,139 @@ __device__ __forceinline__ void reduce_store(const float (&acc)[NT][4], const fl
     }
 }
 
-// U groups' weights (CPG 64-input chunks each) and scales from group gb on, those before g1.
-template <int U, int CPG>
-__device__ __forceinline__ void load_groups(const uint4* wt, const unsigned* st, int gb, int g1, uint4 (&w)[U][CPG],
-                                            unsigned (&s)[U]) {
+// Row tiles a block owns: R consecutive ones from blockIdx.x * R. Past the last tile a block re-reads the
+// last one (no branch in the inner loop); those rows are >= N and are not written.
+__device__ __forceinline__ int owned_tile(int r, int R, int N) {
+    return min((int)blockIdx.x * R + r, (N + 15) / 16 - 1);
+}
+
+// U groups' weights (CPG 64-input chunks each) of R row tiles and their scales from group gb on, those
+// before g1.
+template <int U, int R, int CPG>
+__device__ __forceinline__ void load_groups(const uint4* const (&wt)[R], const unsigned* const (&st)[R], int gb,
+                                            int g1, uint4 (&w)[U][R][CPG], unsigned (&s)[U][R]) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         if (gb + u < g1) {
 #pragma unroll
-            for (int c = 0; c < CPG; ++c) w[u][c] = load_stream(wt + (size_t)((gb + u) * CPG + c) * 32);
-            s[u] = __ldg(st + (size_t)(gb + u) * 8);
+            for (int r = 0; r < R; ++r) {
+#pragma unroll
+                for (int c = 0; c < CPG; ++c) w[u][r][c] = load_stream(wt[r] + (size_t)((gb + u) * CPG + c) * 32);
+                s[u][r] = __ldg(st[r] + (size_t)(gb + u) * 8);
+            }
         }
     }
 }
 
-// NT: token tiles of 8 (M <= 8 NT); CPG: 64-input chunks per scale group (1: g64, 2: g128); U: chunks loaded
-// ahead per step.
-template <int NT, int WARPS, int CPG, int U, bool BF16>
+// NT: token tiles of 8 (M <= 8 NT); CPG: 64-input chunks per scale group (1: g64, 2: g128); U: groups loaded
+// ahead per step; R: row tiles per block. With many tokens x, not the weight, is most of what a block reads
+// (64 tokens: 16x the int4 weight bytes of a tile); each x fragment a warp loads feeds R tiles' MMAs.
+template <int NT, int WARPS, int CPG, int U, int R, bool BF16>
 __global__ void __launch_bounds__(WARPS * 32) w4_mma(const unsigned short* __restrict__ x,
                                                     const uint4* __restrict__ wp,
                                                     const unsigned* __restrict__ sp,
                                                     unsigned short* __restrict__ y, int M, int N, int K) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int tile = blockIdx.x;
     const int chunks = K >> 6, groups = chunks / CPG;
     // this warp's groups: a contiguous share, whole groups only
     const int per = (groups + WARPS - 1) / WARPS;
     const int g0 = min(warp * per, groups), g1 = min(g0 + per, groups);
-    const uint4* wt = wp + ((size_t)tile * chunks) * 32 + lane;
-    const unsigned* st = sp + ((size_t)tile * groups) * 8 + g;
+    const uint4* wt[R];
+    const unsigned* st[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int tile = owned_tile(r, R, N);
+        wt[r] = wp + ((size_t)tile * chunks) * 32 + lane;
+        st[r] = sp + ((size_t)tile * groups) * 8 + g;
+    }
     // B rows: token 8 * nt + g, clamped to a real row (its products land in columns that are not written)
     const unsigned short* xr[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) xr[nt] = x + (size_t)min(8 * nt + g, M - 1) * K + 16 * t;
 
-    float acc[NT][4];
+    float acc[R][NT][4];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.f;
 
     // Weights never change during decode: the first groups' loads go out before waiting for the
     // previous kernel (programmatic dependent launch); x and y are touched only after the wait.
-    uint4 w[U][CPG];
-    unsigned s[U];
-    load_groups<U, CPG>(wt, st, g0, g1, w, s);
+    uint4 w[U][R][CPG];
+    unsigned s[U][R];
+    load_groups<U, R, CPG>(wt, st, g0, g1, w, s);
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;");
 #endif
     for (int gb = g0; gb < g1; gb += U) {
-        uint4 wn[U][CPG];  // the next groups' weights load while these convert and multiply
-        unsigned sn[U];
-        load_groups<U, CPG>(wt, st, gb + U, g1, wn, sn);
+        uint4 wn[U][R][CPG];  // the next groups' weights load while these convert and multiply
+        unsigned sn[U][R];
+        load_groups<U, R, CPG>(wt, st, gb + U, g1, wn, sn);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (gb + u >= g1) break;
-            float part[NT][4];
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) part[nt][i] = 0.f;
+            uint4 xv[CPG][NT][2];  // the group's x fragments, loaded once for all R tiles
 #pragma unroll
             for (int c = 0; c < CPG; ++c) {
                 const int k0 = ((gb + u) * CPG + c) * 64;
-                uint4 xv[NT][2];
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
-                    xv[nt][0] = __ldg(reinterpret_cast<const uint4*>(xr[nt] + k0));
-                    xv[nt][1] = __ldg(reinterpret_cast<const uint4*>(xr[nt] + k0 + 8));
+                    xv[c][nt][0] = __ldg(reinterpret_cast<const uint4*>(xr[nt] + k0));
+                    xv[c][nt][1] = __ldg(reinterpret_cast<const uint4*>(xr[nt] + k0 + 8));
                 }
-                const unsigned wq[4] = {w[u][c].x, w[u][c].y, w[u][c].z, w[u][c].w};
+            }
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const unsigned q = wq[j];
-                    unsigned a[4];
-                    a[0] = Half<BF16>::minus(lop3_nibbles(q, Half<BF16>::MAGIC));
-                    a[1] = Half<BF16>::minus(lop3_nibbles(q >> 4, Half<BF16>::MAGIC));
-                    a[2] = Half<BF16>::minus(lop3_nibbles(q >> 8, Half<BF16>::MAGIC));
-                    a[3] = Half<BF16>::minus(lop3_nibbles(q >> 12, Half<BF16>::MAGIC));
+            for (int r = 0; r < R; ++r) {  // one tile's partial at a time: NT fragments live, not R NT
+                float part[NT][4];
 #pragma unroll
-                    for (int nt = 0; nt < NT; ++nt) {
-                        const unsigned* xw = (j < 2) ? reinterpret_cast<const unsigned*>(&xv[nt][0])
-                                                     : reinterpret_cast<const unsigned*>(&xv[nt][1]);
-                        mma16816<BF16>(part[nt], a, xw[(j & 1) * 2], xw[(j & 1) * 2 + 1]);
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) part[nt][i] = 0.f;
+#pragma unroll
+                for (int c = 0; c < CPG; ++c) {
+                    const unsigned wq[4] = {w[u][r][c].x, w[u][r][c].y, w[u][r][c].z, w[u][r][c].w};
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        const unsigned q = wq[j];
+                        unsigned a[4];
+                        a[0] = Half<BF16>::minus(lop3_nibbles(q, Half<BF16>::MAGIC));
+                        a[1] = Half<BF16>::minus(lop3_nibbles(q >> 4, Half<BF16>::MAGIC));
+                        a[2] = Half<BF16>::minus(lop3_nibbles(q >> 8, Half<BF16>::MAGIC));
+                        a[3] = Half<BF16>::minus(lop3_nibbles(q >> 12, Half<BF16>::MAGIC));
+#pragma unroll
+                        for (int nt = 0; nt < NT; ++nt) {
+                            const unsigned* xw = reinterpret_cast<const unsigned*>(&xv[c][nt][j >> 1]);
+                            mma16816<BF16>(part[nt], a, xw[(j & 1) * 2], xw[(j & 1) * 2 + 1]);
+                        }
                     }
                 }
-            }
-            const float s_lo = half_to_float(s[u] & 0xFFFFu), s_hi = half_to_float(s[u] >> 16);  // rows g, g+8
+                // rows g, g+8
+                const float s_lo = half_to_float(s[u][r] & 0xFFFFu), s_hi = half_to_float(s[u][r] >> 16);
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                acc[nt][0] = fmaf(part[nt][0], s_lo, acc[nt][0]);
-                acc[nt][1] = fmaf(part[nt][1], s_lo, acc[nt][1]);
-                acc[nt][2] = fmaf(part[nt][2], s_hi, acc[nt][2]);
-                acc[nt][3] = fmaf(part[nt][3], s_hi, acc[nt][3]);
+                for (int nt = 0; nt < NT; ++nt) {
+                    acc[r][nt][0] = fmaf(part[nt][0], s_lo, acc[r][nt][0]);
+                    acc[r][nt][1] = fmaf(part[nt][1], s_lo, acc[r][nt][1]);
+                    acc[r][nt][2] = fmaf(part[nt][2], s_hi, acc[r][nt][2]);
+                    acc[r][nt][3] = fmaf(part[nt][3], s_hi, acc[r][nt][3]);
+                }
             }
         }
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-            s[u] = sn[u];
+        for (int u = 0; u < U; ++u)
 #pragma unroll
-            for (int c = 0; c < CPG; ++c) w[u][c] = wn[u][c];
-        }
+            for (int r = 0; r < R; ++r) {
+                s[u][r] = sn[u][r];
+#pragma unroll
+                for (int c = 0; c < CPG; ++c) w[u][r][c] = wn[u][r][c];
+            }
     }
 
-    reduce_store<NT, WARPS, BF16>(acc, nullptr, y, M, N);
+#pragma unroll
+    for (int r = 0; r < R; ++r) reduce_store<NT, WARPS, BF16>(acc[r], nullptr, y, M, N, blockIdx.x * R + r);
 }
 
 // int8 weights with one float32 scale per row (w = q * scale), stored as u = q + 128 in the MMA's register
@@ -248,7 +278,7 @@ template <bool BF16> __device__ __forceinline__ void int8_pairs(unsigned word, u
     hi = pack2<BF16>(byte_value(word, 0x7652u), byte_value(word, 0x7653u));
 }
 
-template <int NT, int WARPS, int U, bool BF16>
+template <int NT, int WARPS, int U, int R, bool BF16>
 __global__ void __launch_bounds__(WARPS * 32) w8_mma(const unsigned short* __restrict__ x,
                                                     const uint4* __restrict__ wp,
                                                     const float* __restrict__ scale,
@@ -258,29 +288,37 @@ __global__ void __launch_bounds__(WARPS * 32) w8_mma(const unsigned short* __res
     const int chunks = K >> 5;
     const int per = (chunks + WARPS - 1) / WARPS;
     const int c0 = min(warp * per, chunks), c1 = min(c0 + per, chunks);
-    const uint4* wt = wp + ((size_t)blockIdx.x * chunks) * 32 + lane;
+    const uint4* wt[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) wt[r] = wp + ((size_t)owned_tile(r, R, N) * chunks) * 32 + lane;
     const unsigned short* xr[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) xr[nt] = x + (size_t)min(8 * nt + g, M - 1) * K + 8 * t;
-    float acc[NT][4];
+    float acc[R][NT][4];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[r][nt][i] = 0.f;
 
-    uint4 w[U];
+    uint4 w[U][R];
 #pragma unroll
     for (int u = 0; u < U; ++u)
-        if (c0 + u < c1) w[u] = load_stream(wt + (size_t)(c0 + u) * 32);
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+            if (c0 + u < c1) w[u][r] = load_stream(wt[r] + (size_t)(c0 + u) * 32);
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;");
 #endif
     for (int cb = c0; cb < c1; cb += U) {
-        uint4 wn[U];
+        uint4 wn[U][R];
 #pragma unroll
         for (int u = 0; u < U; ++u)
-            if (cb + U + u < c1) wn[u] = load_stream(wt + (size_t)(cb + U + u) * 32);
+#pragma unroll
+            for (int r = 0; r < R; ++r)
+                if (cb + U + u < c1) wn[u][r] = load_stream(wt[r] + (size_t)(cb + U + u) * 32);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             if (cb + u >= c1) break;
@@ -288,23 +326,29 @@ __global__ void __launch_bounds__(WARPS * 32) w8_mma(const unsigned short* __res
             uint4 xv[NT];
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) xv[nt] = __ldg(reinterpret_cast<const uint4*>(xr[nt] + k0));
-            const unsigned wq[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
 #pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                unsigned a[4];
-                int8_pairs<BF16>(wq[2 * j], a[0], a[1]);
-                int8_pairs<BF16>(wq[2 * j + 1], a[2], a[3]);
+            for (int r = 0; r < R; ++r) {
+                const unsigned wq[4] = {w[u][r].x, w[u][r].y, w[u][r].z, w[u][r].w};
 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    const unsigned* xw = reinterpret_cast<const unsigned*>(&xv[nt]);
-                    mma16816<BF16>(acc[nt], a, xw[2 * j], xw[2 * j + 1]);
+                for (int j = 0; j < 2; ++j) {
+                    unsigned a[4];
+                    int8_pairs<BF16>(wq[2 * j], a[0], a[1]);
+                    int8_pairs<BF16>(wq[2 * j + 1], a[2], a[3]);
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        const unsigned* xw = reinterpret_cast<const unsigned*>(&xv[nt]);
+                        mma16816<BF16>(acc[r][nt], a, xw[2 * j], xw[2 * j + 1]);
+                    }
                 }
             }
         }
 #pragma unroll
-        for (int u = 0; u < U; ++u) w[u] = wn[u];
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int r = 0; r < R; ++r) w[u][r] = wn[u][r];
     }
-    reduce_store<NT, WARPS, BF16>(acc, scale, y, M, N);
+#pragma unroll
+    for (int r = 0; r < R; ++r) reduce_store<NT, WARPS, BF16>(acc[r], scale, y, M, N, blockIdx.x * R + r);
 }
 
 // bf16/fp16 weights as they are stored (row-major (N, K), no copy), for the dense path's decode GEMVs: the
@@ -381,5 +425,5 @@ __global__ void __launch_bounds__(WARPS * 32) w16_mma(const unsigned short* __re
 #pragma unroll
             for (int i = 0; i < 4; ++i) a[u][i] = an[u][i];
     }
-    reduce_store<NT, WARPS, BF16>(acc, nullptr, y, M, N);
+    reduce_store<NT, WARPS, BF16>(acc, nullptr, y, M, N, blockIdx.x);
 }

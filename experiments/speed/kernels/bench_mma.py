@@ -112,7 +112,7 @@ def int4_shape(name, tokens, l2, rows, failed):
             if not err < 1e-2:
                 failed.append(f"w4_mma {name} m={m} {cfg}: rel err {err:.2e}")
                 continue
-            add(f"ours cuda {cfg['warps']}w{cfg['ahead']}a", [lambda p=p, c=cfg: gemv_int4_mma.launch(x, p, c)
+            add(f"ours cuda {cfg['warps']}w{cfg['ahead']}a{cfg.get('rows', 1)}r", [lambda p=p, c=cfg: gemv_int4_mma.launch(x, p, c)
                                                               for p in mma], int4_bytes, err, cfg)
         print(f"{name:8s} m={m:2d} " + "  ".join(f"{v}={us:.1f}" for v, us in line.items()), flush=True)
     del mma, tiny, tri, dense
@@ -157,7 +157,7 @@ def int8_shape(name, tokens, l2, rows, failed):
             if not err < 1e-2:
                 failed.append(f"w8_mma {name} m={m} {cfg}: rel err {err:.2e}")
                 continue
-            add(f"ours cuda {cfg['warps']}w{cfg['ahead']}a", [lambda p=p, c=cfg: gemv_int8_mma.launch(x, p, c)
+            add(f"ours cuda {cfg['warps']}w{cfg['ahead']}a{cfg.get('rows', 1)}r", [lambda p=p, c=cfg: gemv_int8_mma.launch(x, p, c)
                                                               for p in mma], n * k, err, cfg)
         print(f"{name:8s} m={m:2d} " + "  ".join(f"{v}={us:.1f}" for v, us in line.items()), flush=True)
     del mma, tri, dense
@@ -185,7 +185,7 @@ def bf16_shape(name, tokens, l2, rows, failed):
             if not err < 1e-2:
                 failed.append(f"w16_mma {name} m={m} {cfg}: rel err {err:.2e}")
                 continue
-            add(f"ours cuda {cfg['warps']}w{cfg['ahead']}a", [lambda d=d, c=cfg: gemv_bf16_mma.launch(x, d, c)
+            add(f"ours cuda {cfg['warps']}w{cfg['ahead']}a{cfg.get('rows', 1)}r", [lambda d=d, c=cfg: gemv_bf16_mma.launch(x, d, c)
                                                               for d in dense], 2 * n * k, err, cfg)
         print(f"{name:8s} m={m:2d} " + "  ".join(f"{v}={us:.1f}" for v, us in line.items()), flush=True)
     del dense
