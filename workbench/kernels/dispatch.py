@@ -24,9 +24,9 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 
 from workbench.kernels import gemv_sparse
+from workbench.kernels.dense_paths import dense_linear
 from workbench.kernels.peers import say_once
 from workbench.kernels.quant_paths import MAX_TOKENS, QuantPaths
 from workbench.kernels.sparse_gemv import MAX_TOKENS as OLD_SPARSE_TOKENS, sparse_gemv
@@ -35,7 +35,8 @@ from workbench.sparsity.rules import Cut
 
 PREMASKED = "premasked"  # sparsified and counted by the kernel that produced the input
 MASKED_HERE = "kernel-masked"  # sparsified by `mask_rows` for the first of several layers reading it
-PROBE_VERSION = 2  # in the tuning key: choices timed on a warm-up batch (before `independent_rows`) are stale
+PROBE_VERSION = 3  # in the tuning key: choices timed before `independent_rows` (2) or before the CUDA C++
+# sparse kernel (3) are stale
 
 
 def kernels_enabled() -> bool:
@@ -118,7 +119,7 @@ class LinearKernel:
         if path == "quant":
             return self.quant(x)
         if path == "masked_cublas":
-            return F.linear(x, self.dense)
+            return dense_linear(x, self.dense)  # cuBLAS or our GEMV on the masked input, as dense runs
         sw = self.sparse_weight
         zero = self._zero(x)  # the input is masked already: keep exactly its non-zeros
         if path == "sparse_v1":

@@ -19,6 +19,8 @@ Three kernels:
   (`num_stages` deep in shared memory) and `tl.dot`s the masked tokens with it (int8: converted to
   bf16/fp16 in registers, exact). Any M <= 64.
 * `fma` (M = 1): the masked-row loads into registers, products accumulated in float32 by FMAs.
+* `cuda` (M = 1): `sparse_gemv.cu`'s `sparse_gemv1` in CUDA C++: kept inputs listed per warp in shared
+  memory by ballots, their rows streamed with several 16-byte loads per thread in flight (see the file).
 A program owns BLOCK_N outputs and a K range (split-K through `layouts.store_tile`: one launch).
 Reference: `reference`, float64 `(x * (|x| > t)) @ W.T`.
 """
@@ -30,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from workbench.kernels import mma_cuda
 from workbench.kernels.layouts import locks, sm_count, split_outputs, split_plan, splits_for, store_tile, workspace
 from workbench.kernels.pdl import enter, launch_kwargs
 
@@ -241,6 +244,11 @@ def candidates(m: int, n: int, k: int, int8: bool, device) -> list[dict]:
     else:
         shapes = [("dot", 128, 64, 4, 3), ("dot", 256, 32, 8, 3)]
     out = []
+    if m == 1 and n % (16 if int8 else 8) == 0 and mma_cuda.available(device):  # ours in CUDA C++, after Triton's
+        out_cuda = [dict(kind="cuda", warps=w, tpr=t, ahead=a, slab=sl) for w, t, a, sl in CUDA_CONFIGS
+                    if t * (16 if int8 else 8) <= 32 * w]
+    else:
+        out_cuda = []
     for kind, bn, bk, w, s, *slab in shapes:
         if kind in GATHER_MODES:
             out.append(dict(kind=kind, block_n=bn, block_k=bk, warps=w, stages=s, slab=slab[0], split=0))
@@ -249,7 +257,20 @@ def candidates(m: int, n: int, k: int, int8: bool, device) -> list[dict]:
         sp = splits_for(tiles, steps, sms)
         sp.sort(key=lambda s_: abs(tiles * s_ - 2 * sms))
         out += [dict(kind=kind, block_n=bn, block_k=bk, warps=w, stages=s, split=s_) for s_ in sp]
-    return out
+    return out + out_cuda
+
+
+# (warps, threads per weight row, rows in flight per thread, slab of inputs per block) of `sparse_gemv1`
+CUDA_CONFIGS = [(8, 8, 4, 1024), (8, 8, 8, 1024), (8, 16, 4, 1024), (8, 8, 4, 512), (8, 8, 4, 2048),
+                (4, 8, 8, 512), (8, 16, 8, 2048), (4, 16, 4, 1024)]
+
+
+def cuda_fits(x: torch.Tensor, packed: dict) -> bool:
+    """Whether `sparse_gemv1` takes this weight: rows of whole 16-byte loads (N a multiple of 8 bf16/fp16
+    or 16 int8 weights), 16-byte aligned."""
+    wt = packed["wt"]
+    per_load = 16 // wt.element_size()
+    return wt.is_contiguous() and wt.shape[1] % per_load == 0 and wt.data_ptr() % 16 == 0 and x.shape[0] == 1
 
 
 def launch(x: torch.Tensor, threshold: torch.Tensor, packed: dict, cfg: dict,
@@ -258,6 +279,10 @@ def launch(x: torch.Tensor, threshold: torch.Tensor, packed: dict, cfg: dict,
     m, k = x.shape
     n = wt.shape[1]
     kind = cfg["kind"] if m == 1 else "dot"
+    if kind == "cuda":
+        if not cuda_fits(x, packed):
+            raise ValueError(f"sparse_gemv1 does not take a {tuple(wt.shape)} {wt.dtype} weight")
+        return _launch_cuda(x, threshold, packed, cfg, y)
     if kind in GATHER_MODES:
         return _launch_gather(x, threshold, packed, cfg, y)
     bt = 1 if kind == "fma" else block_t(m)
@@ -293,6 +318,23 @@ def _launch_gather(x, threshold, packed, cfg, y):
                                             BLOCK_K=cfg["block_k"], USE_WS=use_ws, MODE=GATHER_MODES[cfg["kind"]],
                                             num_warps=cfg["warps"], num_stages=cfg["stages"],
                                             **launch_kwargs(x.device))
+    return y
+
+
+def _launch_cuda(x, threshold, packed, cfg, y):
+    wt, scale = packed["wt"], packed.get("scale")
+    k, n = wt.shape
+    int8 = wt.dtype == torch.int8
+    tiles, splits = triton.cdiv(n, cfg["tpr"] * 16 // wt.element_size()), triton.cdiv(k, cfg["slab"])
+    if y is None:
+        y = torch.empty(1, n, device=x.device, dtype=x.dtype)
+    ws = workspace(x.device, splits * n) if splits > 1 else y  # one slab: neither is touched
+    lk = locks(x.device, tiles) if splits > 1 else y
+    bf16 = "true" if x.dtype == torch.bfloat16 else "false"
+    name = (f"sparse_gemv1<{cfg['warps']}, {cfg['tpr']}, {cfg['ahead']}, {cfg['slab']}, {bf16}, "
+            f"{'true' if int8 else 'false'}>")
+    mma_cuda.launch(name, (tiles, splits, 1), (32 * cfg["warps"], 1, 1),
+                    [x, threshold, wt, scale if int8 else wt, y, ws, lk, n, k], x.device)
     return y
 
 

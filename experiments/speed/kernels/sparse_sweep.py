@@ -3,7 +3,7 @@ dot) at the Llama-3-8B projection shapes and 50% activation sparsity, bf16 and f
 bf16 and our dense int8 GEMV in the same run; plus the older index-given `gather_gemv` (list made outside the
 timing) as the bound of a kernel that gets its kept list for free.
 
-    PYTHONUNBUFFERED=1 python3 experiments/speed/kernels/sparse_sweep.py --out $OUT/sparse_sweep.json
+    PYTHONUNBUFFERED=1 python3 experiments/speed/kernels/sparse_sweep.py --out $OUT/sparse_sweep.json [--candidates-only]
     python3 experiments/speed/kernels/sparse_sweep.py --dry          # CPU, Triton interpreter, tiny shapes
 
 Each variant runs in one CUDA graph over R copies of its weight (R x bytes > 3x L2: the weight comes from
@@ -43,10 +43,10 @@ def extra(int8: bool, dry: bool):
     return out[:2] if dry else out  # the interpreter is slow
 
 
-def configs(n, k, int8, device, dry):
+def configs(n, k, int8, device, dry, more=True):
     from workbench.kernels import gemv_sparse
     out = gemv_sparse.candidates(1, n, k, int8, device)
-    for kind, bn, bk, w, st, slab in extra(int8, dry):
+    for kind, bn, bk, w, st, slab in (extra(int8, dry) if more else []):
         c = dict(kind=kind, block_n=bn, block_k=bk, warps=w, stages=st, slab=slab, split=0)
         if c not in out:
             out.append(c)
@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--out", default="sparse_sweep.json")
     ap.add_argument("--dry", action="store_true")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--candidates-only", action="store_true", help="the tuner's candidates, not the extra configs")
     args = ap.parse_args()
     import torch
     import torch.nn.functional as F
@@ -119,7 +120,7 @@ def main():
                 gather_gemv(x, idx, cnt, k, c["wt"], c.get("scale"))  # tunes
             add("gather_gemv, index list given", graph_us(
                 args.dry, [lambda c=c: gather_gemv(x, idx, cnt, k, c["wt"], c.get("scale")) for c in copies], iters))
-            for cfg in configs(n, k, int8, dev, args.dry):
+            for cfg in configs(n, k, int8, dev, args.dry, not args.candidates_only):
                 label = ",".join(f"{a}={b}" for a, b in cfg.items())
                 try:
                     y = torch.full((1, n), float("nan"), device=dev, dtype=dtype)
