@@ -162,6 +162,42 @@ def test_sparse_matches_reference(m, int8):
         assert _rel(y, gemv_sparse.reference(x, t, packed)) < TOL, cfg
 
 
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16, torch.int8])
+@pytest.mark.parametrize("k", [576, 4100])
+def test_sparse_one_token_in_cuda_cpp_matches_reference(wdtype, k):
+    """`sparse_gemv1` (CUDA C++), every config: N = 1008 (whole 16-byte loads, not whole column tiles),
+    K = 4100 (slabs over several blocks, the last one short), 50% and the extremes (keep all, keep none),
+    twice in a row and replayed in a CUDA graph (the slab counters are reset by each launch)."""
+    from workbench.kernels import gemv_sparse
+    from workbench.formats.quant import quantize_int8_channel
+    n = 1008
+    w = _weight(n=n, k=k, seed=k)
+    xdt = torch.float16 if wdtype == torch.float16 else torch.bfloat16
+    packed = gemv_sparse.pack_int8(quantize_int8_channel(w)) if wdtype == torch.int8 else gemv_sparse.pack(w.to(wdtype))
+    x = torch.randn(1, k, device="cuda", dtype=xdt)
+    cands = [c for c in gemv_sparse.candidates(1, n, k, wdtype == torch.int8, x.device) if c["kind"] == "cuda"]
+    assert cands
+    for t in (_cut(x, 0.5), torch.zeros(1, device="cuda"), torch.full((1,), 1e30, device="cuda")):
+        want = gemv_sparse.reference(x, t, packed)
+        for cfg in cands:
+            for _ in range(2):
+                y = gemv_sparse.launch(x, t, packed, cfg, y=_poisoned(1, n, xdt))
+                if t.item() > 1e29:
+                    assert torch.equal(y, torch.zeros_like(y)), cfg
+                else:
+                    assert _rel(y, want) < TOL, cfg
+    cfg = cands[-1]
+    t = _cut(x, 0.5)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = gemv_sparse.launch(x, t, packed, cfg)
+    for seed in range(3):
+        x.copy_(torch.randn(1, k, device="cuda", dtype=xdt, generator=torch.Generator(device="cuda").manual_seed(seed)))
+        t.copy_(_cut(x, 0.5))
+        graph.replay()
+        assert _rel(y, gemv_sparse.reference(x, t, packed)) < TOL
+
+
 def test_sparse_extremes_and_same_math_as_masked_dense():
     """Threshold 0 keeps every nonzero input (dense); a huge one keeps none (y = 0); and the sparse
     kernel equals masking the input and multiplying densely."""
@@ -211,7 +247,10 @@ def test_int4_on_tensor_cores_in_cuda_cpp_matches_reference(m, group, k, dtype):
     layout = gemv_int4_mma.pack(t)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     want = gemv_int4.reference(x, t)
-    for cfg in gemv_int4_mma.candidates(m, N, k, group):
+    cands = gemv_int4_mma.candidates(m, N, k, group)
+    # blocks of 2-4 tiles from 17 tokens on, where they fit the registers (at 64 tokens: groups of 64 only)
+    assert any(c["rows"] > 1 for c in cands) == (m == 17 or (m == 64 and group == 64)), cands
+    for cfg in cands:
         for pdl in ("0", "1"):
             os.environ["WORKBENCH_PDL"] = pdl
             try:
@@ -250,7 +289,9 @@ def test_int8_on_tensor_cores_in_cuda_cpp_matches_reference(m, k, dtype):
     layout = gemv_int8_mma.pack(t)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     want = gemv_int8.reference(x, t)
-    for cfg in gemv_int8_mma.candidates(m, N, k):
+    cands = gemv_int8_mma.candidates(m, N, k)
+    assert any(c["rows"] > 1 for c in cands) == (m > 16), cands  # blocks of 2-4 tiles from 17 tokens on
+    for cfg in cands:
         y = gemv_int8_mma.launch(x, layout, cfg, y=_poisoned(m, N, dtype))
         assert _rel(y, want) < TOL, cfg
 
@@ -266,6 +307,34 @@ def test_dense_weights_on_tensor_cores_in_cuda_cpp_match_reference(m, dtype):
     for cfg in gemv_bf16_mma.candidates(m, N, K):
         y = gemv_bf16_mma.launch(x, w, cfg, y=_poisoned(m, N, dtype))
         assert _rel(y, want) < TOL, cfg
+
+
+@pytest.mark.parametrize("m", TOKENS)
+def test_dense_linear_tunes_between_cublas_and_ours_on_the_same_math(m, monkeypatch):
+    """`dense_linear`: our GEMV is offered after its check against cuBLAS, every candidate computes
+    F.linear's product, the tuned choice serves 3-D inputs, and a captured graph replays it on new inputs."""
+    import torch.nn.functional as F
+    from workbench.kernels import dense_paths
+    from workbench.kernels.tuning import remembered
+    monkeypatch.setenv("WORKBENCH_TUNE", "1")
+    w = _weight(k=1024, seed=m).to(torch.bfloat16)
+    x = torch.randn(m, 1, 1024, device="cuda", dtype=torch.bfloat16)
+    want = x.double() @ w.double().T
+    cands = dense_paths._candidates(x[:, 0], w)
+    assert cands[0] == {"impl": "cublas"} and any(c["impl"] == "w16mma" for c in cands), cands
+    for cfg in cands:
+        assert _rel(dense_paths._launch(x[:, 0], w, cfg), want[:, 0]) < TOL, cfg
+    y = dense_paths.dense_linear(x, w)
+    assert y.shape == (m, 1, N) and _rel(y, want) < TOL
+    assert remembered(("dense_paths", N, 1024, torch.bfloat16, m)) in cands
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = dense_paths.dense_linear(x, w)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert _rel(y, F.linear(x.double(), w.double())) < TOL
+    x65 = torch.randn(65, 1024, device="cuda", dtype=torch.bfloat16)  # beyond 64 tokens: cuBLAS, untuned
+    assert torch.equal(dense_paths.dense_linear(x65, w), F.linear(x65, w))
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workbench.kernels.dense_paths import dense_linear
 from workbench.runtime.cache import ATTENTION_BLOCK
 from workbench.sparsity.rules import Cut
 
@@ -44,14 +45,14 @@ def fused_step(decoder, ids: torch.Tensor, positions: torch.Tensor, cache) -> to
                                      threshold=cut.threshold if cut else None,
                                      counters=counters[0] if counters else None).view(s, 1, -1)
         _mark_premasked([attn.o_proj], out, cut)
-        x, h = _norm(x, attn.o_proj(out), layer.post_attention_layernorm, _modules(mlp, GATE_UP))
+        x, h = _norm(x, _linear(attn.o_proj, out), layer.post_attention_layernorm, _modules(mlp, GATE_UP))
         gate, up = _project(mlp, GATE_UP, h)
         cut = _shared_cut([mlp.down_proj])
         act = silu_mul(gate, up, cut=cut, counters=_counters([mlp.down_proj], cut))
         _mark_premasked([mlp.down_proj], act, cut)
-        delta = mlp.down_proj(act)
+        delta = _linear(mlp.down_proj, act)
     _, h = _norm(x, delta, decoder.norm, [])
-    return decoder.lm_head(h[:, -1]).float()
+    return _linear(decoder.lm_head, h[:, -1]).float()
 
 
 QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
@@ -120,13 +121,20 @@ def _project(parent: nn.Module, names: tuple[str, ...], h: torch.Tensor) -> list
     concat = getattr(parent, "workbench_concat", None)
     if concat is not None and concat[0] == names and all(type(m) is nn.Linear for m in mods):
         if _views_in_order(mods, concat[1]):
-            return list(F.linear(h, concat[1]).split(sizes, dim=-1))
+            return list(dense_linear(h, concat[1]).split(sizes, dim=-1))
     joint = _joint_kernel(parent, names, mods)
     if joint is not None:
         y = joint(h)
         if y is not None:
             return list(y.split(sizes, dim=-1))
     return [m(h) for m in mods]
+
+
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module`(x), through the tuned dense decode matmul (cuBLAS or ours) while it is a plain linear."""
+    if type(module) is nn.Linear and module.bias is None:
+        return dense_linear(x, module.weight)
+    return module(x)
 
 
 def _views_in_order(mods, joined: torch.Tensor) -> bool:
