@@ -10,7 +10,7 @@ from pathlib import Path
 from workbench.viz import save_figure, speedup_figure
 
 HERE = Path(__file__).parent
-RUNS = ("../bench_llama-3-8b_h200.json",)  # run 17: `bash experiments/speed/run.sh h200`
+RUNS = ("../bench_llama-3-8b_h200.json",)  # run 18: `bash experiments/speed/run.sh h200`
 TARGETS = {"threshold50": {1: 1.45, 8: 1.05, 32: 0.97, 64: 0.97},
            "threshold50+int8": {1: 1.9, 8: 1.3, 32: 0.97, 64: 0.97},
            "int8": {1: 1.6, 8: 1.5, 32: 1.0, 64: 0.97},
